@@ -1,0 +1,305 @@
+# cython: language_level=3
+"""The core: POSIX shared-memory segments, straight on the system calls.
+
+A `Segment` is one mapping of one named segment.  It exports the buffer
+protocol, so an ndarray built on it keeps it alive through `arr.base`, and
+every view keeps it alive in turn.  When the last of them dies, `__dealloc__`
+releases the mapping (and unlinks the name if this process owns it) in the one
+place that does so.  No file descriptor stays open per segment.
+"""
+
+import os
+
+cimport numpy as cnp
+from cpython.buffer cimport PyBuffer_FillInfo
+from libc.errno cimport EACCES, EEXIST, EFBIG, EINTR, ENOMEM, ENOSPC, errno
+from libc.string cimport memcpy, strlen
+from posix.fcntl cimport O_CREAT, O_EXCL, O_RDONLY, O_RDWR
+from posix.mman cimport (MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE,
+                         mmap, munmap, shm_open, shm_unlink)
+from posix.stat cimport S_ISREG, fstat, struct_stat
+from posix.types cimport off_t
+from posix.unistd cimport close, ftruncate
+
+from grain_shm._checkrc cimport check_rc, raise_errno
+from grain_shm._posix cimport (MAP_POPULATE, gs_owner, gs_owner_add,
+                               gs_owner_is_mine, gs_owner_take, gs_random_bytes,
+                               gs_release, gs_release_init, gs_reserve,
+                               gs_unlink_owned)
+
+cnp.import_array()
+if gs_release_init() != 0:
+    raise OSError("pthread_atfork failed")
+
+# Longest name shm_open takes, without the leading "/": NAME_MAX on Linux,
+# PSHMNAMLEN (31 with the "/") on macOS.
+NAME_MAX = 30 if os.uname().sysname == "Darwin" else 255
+SHM_DIR = "/dev/shm"
+
+cdef enum:
+    RANDOM_CHARS = 12            # 72 bits
+    PREFIX_CAP = 17              # "/" + prefix + 12 random chars <= 30
+    CREATE_ATTEMPTS = 16
+
+cdef const char *ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+cdef char _prefix[PREFIX_CAP + 1]
+cdef size_t _prefix_len = 0
+cdef char _empty_buffer[1]
+
+
+def set_name_prefix(str prefix not None):
+    """Set what every new segment name starts with (after the "/")."""
+    global _prefix_len
+    cdef bytes raw = prefix.encode("ascii")
+    if len(raw) + 1 > PREFIX_CAP or not all(
+        c.isalnum() or c in "._-" for c in prefix
+    ):
+        raise ValueError(f"invalid segment name prefix {prefix!r}")
+    _prefix[0] = b"/"
+    memcpy(&_prefix[1], <char *>raw, len(raw))
+    _prefix_len = len(raw) + 1
+
+
+set_name_prefix("gs_")
+
+
+cdef int _new_path(char *out) noexcept nogil:
+    """Write "/<prefix><12 random chars>\\0" into out; 0 or an errno value."""
+    cdef unsigned char raw[RANDOM_CHARS]
+    cdef int i
+    cdef int rc = gs_random_bytes(raw, RANDOM_CHARS)
+    if rc != 0:
+        return rc
+    memcpy(out, _prefix, _prefix_len)
+    for i in range(RANDOM_CHARS):
+        out[_prefix_len + i] = ALPHABET[raw[i] & 63]
+    out[_prefix_len + RANDOM_CHARS] = 0
+    return 0
+
+
+cdef bytes _path_of(name):
+    """The "/name" bytes for shm_*(); ValueError for a name it cannot be."""
+    if not isinstance(name, (str, bytes)):
+        raise TypeError(f"segment name must be str, not {type(name).__name__}")
+    cdef bytes raw = os.fsencode(name)
+    if raw.startswith(b"/"):
+        raw = raw[1:]
+    if (not raw or b"/" in raw or b"\0" in raw or raw in (b".", b"..")
+            or len(raw) > NAME_MAX):
+        raise ValueError(
+            f"invalid shared-memory name {name!r}: it must be 1 to {NAME_MAX} "
+            "characters, without '/' (except one leading) or NUL"
+        )
+    return b"/" + raw
+
+
+def _no_space(Py_ssize_t nbytes, int err):
+    """MemoryError that says where the memory was to come from and how to get more."""
+    try:
+        st = os.statvfs(SHM_DIR)
+        where = (f"{SHM_DIR} has {st.f_bavail * st.f_frsize} bytes free "
+                 f"of {st.f_blocks * st.f_frsize}")
+    except OSError:
+        where = f"{SHM_DIR} is not available"
+    return MemoryError(
+        f"cannot allocate {nbytes} bytes of shared memory ({os.strerror(err)}): "
+        f"{where}. Free some (`python -m grain_shm gc` removes orphaned "
+        "segments) or enlarge it: `docker run --shm-size=8g`, a Kubernetes "
+        "emptyDir volume with `medium: Memory` mounted at /dev/shm, or "
+        "`mount -o remount,size=8G /dev/shm`."
+    )
+
+
+cdef class Segment:
+    """One mapping of one POSIX shared-memory segment; the base of its arrays."""
+
+    cdef void *addr
+    cdef size_t map_size       # bytes mapped (0: nothing mapped)
+    cdef Py_ssize_t size       # bytes exported through the buffer protocol
+    cdef bint readonly
+    cdef bytes path            # b"/name"
+    cdef gs_owner owner
+
+    def __cinit__(self):
+        self.addr = NULL
+
+    @property
+    def name(self) -> str:
+        """The name without its leading "/", as multiprocessing.shared_memory spells it."""
+        return os.fsdecode(self.path[1:])
+
+    @property
+    def size(self) -> int:
+        return self.size
+
+    @property
+    def address(self) -> int:
+        return <size_t>self.addr
+
+    @property
+    def readonly(self) -> bool:
+        return self.readonly
+
+    @property
+    def unlink_on_release(self) -> bool:
+        return gs_owner_is_mine(&self.owner)
+
+    def mark_unlink_on_release(self):
+        """Make this process the one that unlinks the name when this mapping goes."""
+        gs_owner_add(&self.owner, <char *>self.path)
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        cdef void *buf = self.addr if self.addr != NULL else <void *>_empty_buffer
+        PyBuffer_FillInfo(view, self, buf, self.size, self.readonly, flags)
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+    def __dealloc__(self):
+        cdef const char *unlink_path = NULL
+        if self.path is not None and gs_owner_take(&self.owner):
+            unlink_path = <char *>self.path
+        if self.map_size >= 65536:
+            with nogil:
+                gs_release(self.addr, self.map_size, unlink_path)
+        else:
+            gs_release(self.addr, self.map_size, unlink_path)
+        self.addr = NULL
+
+    def __repr__(self):
+        return f"<grain_shm Segment {self.name!r} size={self.size}>"
+
+
+cdef int _create(char *path, size_t length, void **addr, int *stage) noexcept nogil:
+    """shm_open(O_EXCL) a fresh name, size, reserve and map it, close the fd.
+    On failure: nothing is left behind; returns the errno, `stage` says where."""
+    cdef int fd = -1
+    cdef int rc = 0
+    cdef int attempt
+    stage[0] = 0
+    for attempt in range(CREATE_ATTEMPTS):
+        rc = _new_path(path)
+        if rc != 0:
+            return rc
+        fd = shm_open(path, O_CREAT | O_EXCL | O_RDWR, 0o600)
+        if fd >= 0 or errno != EEXIST:
+            break
+    if fd < 0:
+        return errno
+    stage[0] = 1
+    while ftruncate(fd, <off_t>length) == -1:
+        if errno != EINTR:
+            rc = errno
+            break
+    if rc == 0:
+        stage[0] = 2
+        rc = gs_reserve(fd, <off_t>length)
+    if rc == 0:
+        stage[0] = 3
+        addr[0] = mmap(NULL, length, PROT_READ | PROT_WRITE,
+                       MAP_SHARED | MAP_POPULATE, fd, 0)
+        if addr[0] == MAP_FAILED:
+            rc = errno
+            addr[0] = NULL
+    close(fd)
+    if rc != 0:
+        shm_unlink(path)
+    return rc
+
+
+def create(Py_ssize_t nbytes):
+    """A new segment of `nbytes` bytes under a fresh, unguessable name."""
+    if nbytes < 0:
+        raise ValueError(f"negative size: {nbytes}")
+    cdef char path[PREFIX_CAP + RANDOM_CHARS + 1]
+    cdef size_t length = nbytes if nbytes > 0 else 1
+    cdef void *addr = NULL
+    cdef int stage = 0
+    cdef int rc
+    with nogil:
+        rc = _create(path, length, &addr, &stage)
+    if rc != 0:
+        if rc in (ENOSPC, ENOMEM, EFBIG) and stage > 0:
+            raise _no_space(nbytes, rc)
+        raise_errno(rc, os.fsdecode(path[1:]) if stage > 0 else None)
+    cdef Segment seg = Segment.__new__(Segment)
+    seg.addr = addr
+    seg.map_size = length
+    seg.size = nbytes
+    seg.path = path
+    return seg
+
+
+def open(name, Py_ssize_t required):
+    """Map the existing segment `name`, which must hold at least `required` bytes."""
+    cdef bytes path = _path_of(name)
+    cdef const char *cpath = path
+    cdef int fd
+    cdef int flags = O_RDWR
+    cdef int prot = PROT_READ | PROT_WRITE
+    cdef struct_stat st
+    cdef void *addr = NULL
+    with nogil:
+        fd = shm_open(cpath, O_RDWR, 0)
+        if fd < 0 and errno == EACCES:
+            flags = O_RDONLY
+            prot = PROT_READ
+            fd = shm_open(cpath, O_RDONLY, 0)
+    check_rc(fd, os.fsdecode(path[1:]))
+    if fstat(fd, &st) == -1:
+        err = errno
+        close(fd)
+        raise_errno(err, os.fsdecode(path[1:]))
+    if not S_ISREG(st.st_mode) or st.st_size < required:
+        close(fd)
+        what = "not a regular file" if not S_ISREG(st.st_mode) else f"{st.st_size} bytes"
+        raise ValueError(
+            f"shared memory {os.fsdecode(path[1:])!r} is {what}, but the "
+            f"array needs {required} bytes: the metadata does not match the segment"
+        )
+    cdef size_t length = <size_t>st.st_size
+    if length > 0:
+        with nogil:
+            addr = mmap(NULL, length, prot, MAP_SHARED | MAP_POPULATE, fd, 0)
+        if addr == MAP_FAILED:
+            err = errno
+            close(fd)
+            if err == ENOMEM:
+                raise MemoryError(f"cannot map {length} bytes: {os.strerror(err)}")
+            raise_errno(err, os.fsdecode(path[1:]))
+    close(fd)
+    cdef Segment seg = Segment.__new__(Segment)
+    seg.addr = addr
+    seg.map_size = length
+    seg.size = length
+    seg.readonly = prot == PROT_READ
+    seg.path = path
+    return seg
+
+
+def unlink(name):
+    """Remove the name now; mappings of it stay valid until they are released."""
+    cdef bytes path = _path_of(name)
+    check_rc(shm_unlink(path), os.fsdecode(path[1:]))
+
+
+def unlink_owned():
+    """Unlink every name this process owns (for interpreter exit)."""
+    gs_unlink_owned()
+
+
+def segment_of(obj):
+    """The Segment under an ndarray (through its chain of bases), or None."""
+    while isinstance(obj, cnp.ndarray):
+        base = cnp.PyArray_BASE(obj)
+        if base is NULL:
+            return None
+        obj = <object>base
+    return obj if type(obj) is Segment else None
+
+
+def data_offset(cnp.ndarray arr not None, Segment seg not None):
+    """Byte offset of arr's first element from the start of seg's mapping."""
+    cdef char *data = <char *>cnp.PyArray_DATA(arr)
+    cdef char *start = <char *>seg.addr if seg.addr != NULL else _empty_buffer
+    return <Py_ssize_t>(data - start)

@@ -1,0 +1,193 @@
+"""SharedMemoryArray: a thin ndarray subclass over a grain_shm segment.
+
+The array's memory is a `Segment` of the core, reachable through `arr.base`,
+so every view keeps the mapping alive and the last one to die releases it.
+Pickling sends a reference (name, shape, dtype, strides, byte offset), never
+the bytes: a view arrives as the same elements over the same memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Any, Iterable, Optional, Tuple
+
+import numpy as np
+import numpy.typing as npt
+
+from grain_shm import _shm
+
+
+class ArraySizeError(OverflowError, ValueError):
+    """The array's byte count does not fit in memory addresses.
+
+    An OverflowError (as Python's own size checks raise) that is also a
+    ValueError (as numpy's "array is too big" is)."""
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class SharedMemoryArrayMetadata:
+    """What a process needs to map an array another process put in shared memory.
+
+    `strides` is None for a C-contiguous array; `offset` is the byte offset of
+    the first element from the start of the segment.
+    """
+
+    name: str
+    shape: Iterable[int]
+    dtype: npt.DTypeLike
+    strides: Optional[Tuple[int, ...]] = None
+    offset: int = 0
+
+    def close_and_unlink_shm(self) -> None:
+        """Remove the segment's name; processes that map it keep their mappings."""
+        _shm.unlink(self.name)
+
+
+def _check_shape(shape: Any) -> Tuple[int, ...]:
+    if isinstance(shape, (int, np.integer)):
+        shape = (shape,)
+    try:
+        dims = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise TypeError(f"shape must be an iterable of ints, not {shape!r}") from None
+    if any(d < 0 for d in dims):
+        raise ValueError(f"negative dimensions are not allowed: {dims}")
+    if len(dims) > np.MAXDIMS if hasattr(np, "MAXDIMS") else len(dims) > 64:
+        raise ValueError(f"too many dimensions: {len(dims)}")
+    return dims
+
+
+def _check_dtype(dtype: npt.DTypeLike) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise TypeError(
+            f"dtype {dtype} holds Python objects, which cannot live in shared memory"
+        )
+    return dtype
+
+
+def _nbytes(shape: Tuple[int, ...], dtype: np.dtype) -> int:
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > np.iinfo(np.intp).max or math.prod(shape) > np.iinfo(np.intp).max:
+        raise ArraySizeError(
+            f"an array of shape {shape} and dtype {dtype} needs {nbytes} bytes, "
+            "more than this machine can address"
+        )
+    return nbytes
+
+
+def _extent(shape, strides, itemsize: int, offset: int) -> int:
+    """Bytes of the segment the elements reach; ValueError if any lies before it."""
+    if 0 in shape:
+        return offset
+    low = offset + sum((n - 1) * s for n, s in zip(shape, strides) if s < 0)
+    high = offset + sum((n - 1) * s for n, s in zip(shape, strides) if s > 0)
+    if low < 0:
+        raise ValueError(f"offset {offset} and strides {strides} reach before the segment")
+    return high + itemsize
+
+
+class SharedMemoryArray(np.ndarray):
+    """A NumPy array in POSIX shared memory that pickles as a reference.
+
+    Send it to another process (pickle, multiprocessing queues) and that
+    process maps the same memory, with no copy. The name is unlinked when the
+    array marked with `unlink_on_del()`, and every view of it, is gone.
+    """
+
+    def __new__(cls, shape: Iterable[int], dtype: npt.DTypeLike = float) -> SharedMemoryArray:
+        shape = _check_shape(shape)
+        dtype = _check_dtype(dtype)
+        segment = _shm.create(_nbytes(shape, dtype))
+        return np.ndarray.__new__(cls, shape, dtype, buffer=segment)
+
+    @classmethod
+    def from_metadata(cls, metadata: SharedMemoryArrayMetadata) -> SharedMemoryArray:
+        """Map the array `metadata` describes; the result does not own the name."""
+        shape = _check_shape(metadata.shape)
+        dtype = _check_dtype(metadata.dtype)
+        strides = getattr(metadata, "strides", None)
+        offset = operator.index(getattr(metadata, "offset", 0))
+        _nbytes(shape, dtype)
+        if strides is None:
+            needed = offset + math.prod(shape) * dtype.itemsize
+        else:
+            strides = tuple(operator.index(s) for s in strides)
+            if len(strides) != len(shape):
+                raise ValueError(f"strides {strides} do not match shape {shape}")
+            needed = _extent(shape, strides, dtype.itemsize, offset)
+        if offset < 0:
+            raise ValueError(f"negative offset: {offset}")
+        segment = _shm.open(metadata.name, needed)
+        return np.ndarray.__new__(
+            cls, shape, dtype, buffer=segment, offset=offset, strides=strides
+        )
+
+    @property
+    def metadata(self) -> SharedMemoryArrayMetadata:
+        """A picklable reference to exactly these elements."""
+        metadata = _metadata_of(self)
+        if metadata is None:
+            raise ValueError(
+                "this SharedMemoryArray is a copy in private memory, not a view "
+                "of shared memory (e.g. the result of .copy() or fancy indexing)"
+            )
+        return metadata
+
+    def unlink_on_del(self) -> None:
+        """Make this process unlink the name once this array and its views are gone."""
+        segment = _shm.segment_of(self)
+        if segment is None:
+            raise ValueError("this SharedMemoryArray is not in shared memory")
+        segment.mark_unlink_on_release()
+
+    @property
+    def _unlink_on_del(self) -> bool:
+        segment = _shm.segment_of(self)
+        return segment is not None and segment.unlink_on_release
+
+    @classmethod
+    def enable_async_del(
+        cls, num_threads: int = 1, max_outstanding_requests: int = 50
+    ) -> None:
+        """Release segments on background threads from now on (see issue 4)."""
+        raise NotImplementedError("asynchronous release is not implemented yet")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        metadata = _metadata_of(self)
+        if metadata is None:  # a private copy: send the bytes
+            return self.view(np.ndarray).__reduce_ex__(protocol)
+        return _rebuild, (metadata,)
+
+    def __array_wrap__(self, arr, context=None, return_scalar=False):
+        # As numpy.memmap: results of ufuncs and reductions are not shared memory.
+        arr = super().__array_wrap__(arr, context, return_scalar)
+        if self is arr or type(self) is not SharedMemoryArray:
+            return arr
+        if return_scalar:
+            return arr[()]
+        return arr.view(np.ndarray)
+
+    def __getitem__(self, index):
+        # As numpy.memmap: fancy indexing copies, and a copy is a plain ndarray.
+        result = super().__getitem__(index)
+        if type(result) is SharedMemoryArray and _shm.segment_of(result) is None:
+            return result.view(np.ndarray)
+        return result
+
+
+def _metadata_of(arr: np.ndarray) -> Optional[SharedMemoryArrayMetadata]:
+    """The reference to `arr`'s elements if they are in a segment, else None."""
+    segment = _shm.segment_of(arr)
+    if segment is None:
+        return None
+    strides = None if arr.flags.c_contiguous else arr.strides
+    return SharedMemoryArrayMetadata(
+        segment.name, arr.shape, arr.dtype, strides, _shm.data_offset(arr, segment)
+    )
+
+
+def _rebuild(metadata: SharedMemoryArrayMetadata) -> SharedMemoryArray:
+    return SharedMemoryArray.from_metadata(metadata)

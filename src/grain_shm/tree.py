@@ -1,0 +1,87 @@
+"""copy_to_shm, open_from_shm, unlink_shm over nested containers.
+
+Containers are walked as Grain's tree_lib does without JAX: lists, tuples
+(namedtuples rebuilt by field), dicts and other mappings (defaultdicts keep
+their factory); anything else is a leaf and is returned unchanged unless it
+is an array or metadata.
+"""
+
+from __future__ import annotations
+
+import collections
+import collections.abc
+from typing import Any, Callable
+
+import numpy as np
+
+from grain_shm.array import (
+    SharedMemoryArray,
+    SharedMemoryArrayMetadata,
+    _metadata_of,
+)
+
+
+def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
+    if isinstance(tree, (list, tuple)):
+        items = [_map(fn, item) for item in tree]
+        if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+            return type(tree)(*items)
+        return type(tree)(items)
+    if isinstance(tree, collections.abc.Mapping):
+        items = [(key, _map(fn, value)) for key, value in tree.items()]
+        if isinstance(tree, collections.defaultdict):
+            result = type(tree)(tree.default_factory)
+            result.update(items)
+            return result
+        return type(tree)(items)
+    return fn(tree)
+
+
+def _copy_leaf(leaf: Any, min_size: int) -> Any:
+    if not isinstance(leaf, np.ndarray):
+        return leaf
+    metadata = _metadata_of(leaf)
+    if metadata is not None:  # already shared: send the reference, copy nothing
+        return metadata
+    if (
+        leaf.dtype.hasobject
+        or not leaf.flags.c_contiguous
+        or leaf.size == 0
+        or leaf.nbytes < min_size
+    ):
+        return leaf
+    shared = SharedMemoryArray(leaf.shape, leaf.dtype)
+    np.copyto(shared, leaf, casting="no")
+    return shared.metadata
+
+
+def copy_to_shm(struct: Any, min_size: int = 0) -> Any:
+    """Replace each C-contiguous array leaf of at least `min_size` bytes by
+    metadata of a shared-memory copy; arrays already in shared memory are
+    passed by reference. The receiver calls `open_from_shm`, which owns
+    (and so unlinks) what it opens. Empty and object arrays stay as they are."""
+    return _map(lambda leaf: _copy_leaf(leaf, min_size), struct)
+
+
+def _open_leaf(leaf: Any) -> Any:
+    if isinstance(leaf, SharedMemoryArrayMetadata):
+        leaf = SharedMemoryArray.from_metadata(leaf)
+        leaf.unlink_on_del()
+    return leaf
+
+
+def open_from_shm(struct: Any) -> Any:
+    """Map every metadata leaf as a SharedMemoryArray that unlinks its segment
+    when it (and its views) are gone."""
+    return _map(_open_leaf, struct)
+
+
+def _unlink_leaf(leaf: Any) -> Any:
+    if isinstance(leaf, SharedMemoryArrayMetadata):
+        leaf.close_and_unlink_shm()
+    return leaf
+
+
+def unlink_shm(struct: Any) -> None:
+    """Unlink the segment of every metadata leaf (e.g. for results never opened)."""
+    _map(_unlink_leaf, struct)
