@@ -14,4 +14,21 @@ cdef extern from "_release.h" nogil:
     int gs_owner_is_mine(const gs_owner *owner)
     int gs_owner_take(gs_owner *owner)
     void gs_unlink_owned()
-    void gs_release(void *addr, size_t length, const char *unlink_path)
+    int gs_release(void *addr, size_t length, const char *unlink_path)
+
+    # The deleter behind enable_async_del: a bounded queue served by pthreads.
+    enum: GS_MAX_THREADS
+    ctypedef struct gs_deleter_stats:
+        size_t queued
+        size_t in_flight
+        size_t max_outstanding
+        int num_threads
+        int running
+        unsigned long long deferred
+        unsigned long long refused
+        unsigned long long unlink_errors
+    int gs_deleter_push(void *addr, size_t length, const char *unlink_path)
+    int gs_deleter_enable(int num_threads, size_t max_outstanding)
+    void gs_deleter_stop()
+    void gs_deleter_hold(int on)
+    void gs_deleter_stats_get(gs_deleter_stats *out)

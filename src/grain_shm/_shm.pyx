@@ -5,7 +5,8 @@ A `Segment` is one mapping of one named segment.  It exports the buffer
 protocol, so an ndarray built on it keeps it alive through `arr.base`, and
 every view keeps it alive in turn.  When the last of them dies, `__dealloc__`
 releases the mapping (and unlinks the name if this process owns it) in the one
-place that does so.  No file descriptor stays open per segment.
+place that does so, or hands that release to the deleter (`enable_async_release`).
+No file descriptor stays open per segment.
 """
 
 import os
@@ -22,10 +23,12 @@ from posix.types cimport off_t
 from posix.unistd cimport close, ftruncate
 
 from grain_shm._checkrc cimport check_rc, raise_errno
-from grain_shm._posix cimport (MAP_POPULATE, gs_owner, gs_owner_add,
-                               gs_owner_is_mine, gs_owner_take, gs_random_bytes,
-                               gs_release, gs_release_init, gs_reserve,
-                               gs_unlink_owned)
+from grain_shm._posix cimport (GS_MAX_THREADS, MAP_POPULATE, gs_deleter_enable,
+                               gs_deleter_hold, gs_deleter_push, gs_deleter_stats,
+                               gs_deleter_stats_get, gs_deleter_stop, gs_owner,
+                               gs_owner_add, gs_owner_is_mine, gs_owner_take,
+                               gs_random_bytes, gs_release, gs_release_init,
+                               gs_reserve, gs_unlink_owned)
 
 cnp.import_array()
 if gs_release_init() != 0:
@@ -159,6 +162,10 @@ cdef class Segment:
         cdef const char *unlink_path = NULL
         if self.path is not None and gs_owner_take(&self.owner):
             unlink_path = <char *>self.path
+        if (self.addr == NULL and unlink_path == NULL) or gs_deleter_push(
+                self.addr, self.map_size, unlink_path):
+            self.addr = NULL
+            return
         if self.map_size >= 65536:
             with nogil:
                 gs_release(self.addr, self.map_size, unlink_path)
@@ -281,6 +288,62 @@ def unlink(name):
     """Remove the name now; mappings of it stay valid until they are released."""
     cdef bytes path = _path_of(name)
     check_rc(shm_unlink(path), os.fsdecode(path[1:]))
+
+
+# Bounds of enable_async_release: threads are a fixed array in C; each pending
+# release holds a mapping (vm.max_map_count is 65530 by default) and a
+# 280-byte slot of the ring.
+MAX_THREADS = GS_MAX_THREADS
+MAX_OUTSTANDING = 1 << 20
+
+
+def enable_async_release(int num_threads, Py_ssize_t max_outstanding):
+    """Hand every later release to `num_threads` pthreads, at most
+    `max_outstanding` pending (queued or in flight); beyond that, inline.
+    Already on: only the bound changes, no thread is added."""
+    if not 1 <= num_threads <= MAX_THREADS:
+        raise ValueError(f"num_threads must be 1 to {MAX_THREADS}, not {num_threads}")
+    if not 1 <= max_outstanding <= MAX_OUTSTANDING:
+        raise ValueError(
+            f"max_outstanding_requests must be 1 to {MAX_OUTSTANDING}, not {max_outstanding}"
+        )
+    cdef int rc
+    with nogil:
+        rc = gs_deleter_enable(num_threads, <size_t>max_outstanding)
+    if rc != 0:
+        raise_errno(rc, None)
+
+
+def stop_async_release():
+    """Finish every pending release, stop the threads; later releases are inline.
+
+    For interpreter exit (before `unlink_owned`) and `_disable_async_del`.
+    It waits only for releases already in flight: the calling thread does the
+    queued ones itself."""
+    with nogil:
+        gs_deleter_stop()
+
+
+def async_release_stats():
+    """The deleter's counters, for tests and diagnostics."""
+    cdef gs_deleter_stats st
+    gs_deleter_stats_get(&st)
+    return {
+        "num_threads": st.num_threads,
+        "running": st.running,
+        "max_outstanding": st.max_outstanding,
+        "queued": st.queued,
+        "in_flight": st.in_flight,
+        "deferred": st.deferred,
+        "refused": st.refused,
+        "unlink_errors": st.unlink_errors,
+    }
+
+
+def _hold_async_release(bint on):
+    """Tests only: while on, the workers take no new request (so a test can
+    fill the queue and watch the bound at work)."""
+    gs_deleter_hold(on)
 
 
 def unlink_owned():

@@ -78,6 +78,14 @@ def _nbytes(shape: Tuple[int, ...], dtype: np.dtype) -> int:
     return nbytes
 
 
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, not {value}")
+    return int(value)
+
+
 def _extent(shape, strides, itemsize: int, offset: int) -> int:
     """Bytes of the segment the elements reach; ValueError if any lies before it."""
     if 0 in shape:
@@ -152,8 +160,36 @@ class SharedMemoryArray(np.ndarray):
     def enable_async_del(
         cls, num_threads: int = 1, max_outstanding_requests: int = 50
     ) -> None:
-        """Release segments on background threads from now on (see issue 4)."""
-        raise NotImplementedError("asynchronous release is not implemented yet")
+        """Release segments on background threads from now on, in this process.
+
+        When the last array or view over a segment dies, its release (munmap,
+        and shm_unlink if this process owns the name) is pushed onto a bounded
+        queue in C, served by `num_threads` pthreads that never take the GIL,
+        so `del` costs a queue push instead of two system calls. At most
+        `max_outstanding_requests` releases are pending (queued or in flight);
+        beyond that a release happens inline, so the memory, mappings and
+        names held by pending releases stay bounded.
+
+        Calling it again while enabled does not add threads: `num_threads` is
+        checked but ignored, and `max_outstanding_requests` becomes the new
+        bound (higher or lower; releases already queued stay queued). After
+        `fork()` the child keeps these settings with threads of its own.
+        Pending releases are finished at interpreter exit.
+
+        Raises:
+          TypeError: an argument is not an int (bools are refused too).
+          ValueError: `num_threads` is not 1 to 64, or
+            `max_outstanding_requests` is not 1 to 2**20.
+        """
+        _shm.enable_async_release(
+            _positive_int("num_threads", num_threads),
+            _positive_int("max_outstanding_requests", max_outstanding_requests),
+        )
+
+    @classmethod
+    def _disable_async_del(cls) -> None:
+        """Finish pending releases and stop the threads (Grain's tests call it)."""
+        _shm.stop_async_release()
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         metadata = _metadata_of(self)

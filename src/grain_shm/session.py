@@ -36,6 +36,7 @@ _shm.set_name_prefix(f"{NAME_PREFIX}{SESSION}_")
 
 
 def _unlink_owned_at_exit() -> None:
+    _shm.stop_async_release()  # pending releases first: their names are no longer owned
     _shm.unlink_owned()
 
 
