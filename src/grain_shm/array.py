@@ -78,11 +78,12 @@ def _nbytes(shape: Tuple[int, ...], dtype: np.dtype) -> int:
     return nbytes
 
 
-def _positive_int(name: str, value: Any) -> int:
+def _count(name: str, value: Any, limit: int) -> int:
+    """`value` as an int from 1 to `limit`; TypeError/ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, not {value}")
+    if not 1 <= value <= limit:
+        raise ValueError(f"{name} must be 1 to {limit}, not {value}")
     return int(value)
 
 
@@ -182,8 +183,10 @@ class SharedMemoryArray(np.ndarray):
             `max_outstanding_requests` is not 1 to 2**20.
         """
         _shm.enable_async_release(
-            _positive_int("num_threads", num_threads),
-            _positive_int("max_outstanding_requests", max_outstanding_requests),
+            _count("num_threads", num_threads, _shm.MAX_THREADS),
+            _count(
+                "max_outstanding_requests", max_outstanding_requests, _shm.MAX_OUTSTANDING
+            ),
         )
 
     @classmethod
