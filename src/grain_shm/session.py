@@ -32,23 +32,36 @@ def _session_id() -> str:
 
 
 SESSION = _session_id()
-_shm.set_name_prefix(f"{NAME_PREFIX}{SESSION}_")
+
+
+def name_prefix() -> str:
+    """What the names of this session's segments start with (without "/")."""
+    return f"{NAME_PREFIX}{SESSION}_"
+
+
+_shm.set_name_prefix(name_prefix())
 
 
 def _unlink_owned_at_exit() -> None:
     _shm.unlink_owned()
 
 
-def _register_exit_cleanup() -> None:
+class _ExitCleanup:
     """Unlink what this process still owns when it exits normally.
 
-    atexit covers the main interpreter; multiprocessing children leave via
-    os._exit, which skips atexit but runs multiprocessing's finalizers."""
-    from multiprocessing import util
+    atexit covers the main interpreter. multiprocessing children leave
+    through os._exit, which skips atexit but runs multiprocessing's
+    finalizers; a fork-started worker clears the finalizers it inherited,
+    then runs its after-fork hooks, which register ours again."""
 
-    atexit.register(_unlink_owned_at_exit)
-    util.Finalize(None, _unlink_owned_at_exit, exitpriority=-100)
+    def register(self) -> None:
+        from multiprocessing import util
+
+        util.Finalize(None, _unlink_owned_at_exit, exitpriority=-100)
+        util.register_after_fork(self, _ExitCleanup.register)
 
 
-_register_exit_cleanup()
-os.register_at_fork(after_in_child=_register_exit_cleanup)
+_exit_cleanup = _ExitCleanup()
+_exit_cleanup.register()
+atexit.register(_unlink_owned_at_exit)
+os.register_at_fork(after_in_child=_exit_cleanup.register)
