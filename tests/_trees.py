@@ -29,11 +29,11 @@ def clean_env(**extra) -> dict:
 class Tree:
     """A Python script run as the root of a new session, in its own process group."""
 
-    def __init__(self, tmp_path, code: str, *, env: dict | None = None):
+    def __init__(self, tmp_path, code: str, *, env: dict | None = None, wrapper=()):
         script = tmp_path / f"root_{time.monotonic_ns()}.py"
         script.write_text(textwrap.dedent(code))
         self.proc = subprocess.Popen(
-            [sys.executable, str(script)],
+            [*wrapper, sys.executable, str(script)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

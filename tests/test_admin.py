@@ -56,12 +56,6 @@ def dead_session():
     return session
 
 
-def foreign_session():
-    """A live-looking session of another pid namespace."""
-    ns = (reaper.pid_namespace() + 1) % 36**4
-    return reaper.session_of(os.getpid(), reaper.start_time(os.getpid()), ns)
-
-
 def remove(names):
     for name in existing(names):
         os.unlink(os.path.join(SHM_DIR, name))
@@ -80,7 +74,6 @@ def live_tree(tmp_path):
 
 def test_gc_removes_a_dead_sessions_segments_and_leaves_a_live_ones(live_tree):
     dead = fake_segments(dead_session(), size=8192)
-    foreign = fake_segments(foreign_session())
     try:
         dry = grain_shm("gc", "--dry-run")
         assert dry.returncode == 0, dry.stderr
@@ -92,11 +85,54 @@ def test_gc_removes_a_dead_sessions_segments_and_leaves_a_live_ones(live_tree):
         assert existing(dead) == []
         assert all(f"freed {name}" in gc.stdout for name in dead)
         assert existing(live_tree["names"]) == live_tree["names"]
-        assert existing(foreign) == foreign  # pids of another namespace: unknown
-        for name in live_tree["names"] + foreign:
+        for name in live_tree["names"]:
             assert name not in gc.stdout
     finally:
-        remove(dead + foreign)
+        remove(dead)
+
+
+NEW_PID_NAMESPACE = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
+
+
+def _can_nest_pid_namespaces():
+    if reaper.pid_namespace() != 0xEFFFFFFC or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run([*NEW_PID_NAMESPACE, "true"], capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+def test_gc_judges_a_container_session_only_from_the_host(tmp_path):
+    """A tree in its own pid namespace (a container sharing /dev/shm, as with
+    `docker --ipc=host`): from the initial namespace gc sees its processes and
+    so whether it lives; from another namespace it cannot, and keeps it."""
+    if not _can_nest_pid_namespaces():
+        pytest.skip("needs root in the initial pid namespace, with unshare --pid")
+    tree = Tree(tmp_path, LIVE_TREE, wrapper=NEW_PID_NAMESPACE)
+    try:
+        info = tree.report()
+        names = info["names"]
+        assert reaper.root_alive(info["session"]) is None  # not our pids
+        records = {r["name"]: r for r in json.loads(grain_shm("ls", "--json").stdout)}
+        assert all(records[n]["alive"] is True for n in names)
+        assert all(n not in grain_shm("gc").stdout for n in names)
+        nested = subprocess.run(
+            [*NEW_PID_NAMESPACE, sys.executable, "-m", "grain_shm", "ls", "--json"],
+            capture_output=True, text=True, timeout=60, env=clean_env(),
+        )
+        records = {r["name"]: r for r in json.loads(nested.stdout)}
+        assert all(records[n]["alive"] is None for n in names)  # unknown there
+        assert existing(names) == names
+
+        # The container goes, its reaper with it (killed with the namespace).
+        tree.kill_group()
+        tree.proc.wait(timeout=30)
+        assert existing(names) == names
+        gc = grain_shm("gc")
+        assert all(f"freed {n}" in gc.stdout for n in names), gc.stdout
+        assert existing(names) == []
+    finally:
+        tree.close()
+        remove(names)
 
 
 def test_ls_json_describes_every_segment(live_tree):

@@ -371,3 +371,29 @@ def test_persistent_restores_the_session_prefix():
     finally:
         inner.unlink_on_del()
         outer.unlink_on_del()
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
+def test_the_reaper_sees_its_root_die_and_not_a_recycled_pid(monkeypatch, pidfd):
+    import threading
+
+    if not pidfd:
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        start = reaper.start_time(proc.pid)
+        session = reaper.session_of(proc.pid, start, reaper.pid_namespace())
+        impostor = reaper.session_of(proc.pid, start + 1, reaper.pid_namespace())
+        assert reaper.root_alive(session) is True
+        assert reaper.root_alive(impostor) is False  # same pid, other start time
+        waiter = threading.Thread(target=reaper.wait_for_exit, args=(session,))
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive()  # still waiting: the root lives
+        proc.kill()  # left a zombie, not waited for: dead all the same
+        waiter.join(10)
+        assert not waiter.is_alive()
+        assert reaper.root_alive(session) is False
+    finally:
+        proc.kill()
+        proc.wait()

@@ -3,8 +3,10 @@
 - ls [--json]: grain_shm's segments with size, session, the session root's
   pid, whether it is alive, whether its reaper runs, and age.
 - gc [--dry-run]: unlink the segments of sessions whose root is dead. A live
-  session's segments, persistent ones (session.persistent()) and those of
-  another pid namespace (alive "unknown") are never touched.
+  session's segments and persistent ones (session.persistent()) are never
+  touched, nor those of a session whose liveness is unknown: one of another
+  pid namespace, unless gc runs as root in the initial pid namespace, which
+  sees every process (the host of containers run with `--ipc=host`).
 - doctor: size and free space of /dev/shm, the largest array that fits, the
   limits that bite (open files, vm.max_map_count), and what to do when
   something is small. Exits non-zero when /dev/shm is missing, read-only or
@@ -30,6 +32,7 @@ MiB = 1 << 20
 SMALL_SHM = 1 * GiB  # Docker's default is 64 MiB
 SMALL_MAP_COUNT = 65530  # the kernel's default; some distributions lower it
 SMALL_NOFILE = 4096
+INITIAL_PID_NAMESPACE = 0xEFFFFFFC  # the kernel's PROC_PID_INIT_INO
 
 
 def _human(nbytes: int) -> str:
@@ -41,6 +44,57 @@ def _human(nbytes: int) -> str:
     raise AssertionError
 
 
+def _other_namespace_roots() -> set[tuple[int, int, int]] | None:
+    """What would name a session in every other pid namespace: (pid as its
+    namespace numbers it, start tag, namespace tag) of each process there.
+
+    Only the initial pid namespace sees every process, so only there can a
+    session of another namespace (a container sharing /dev/shm with
+    `--ipc=host`) be found dead: no process left with its identity. None
+    elsewhere, or when some nested process's namespace is unreadable (not
+    root)."""
+    ours = reaper.pid_namespace()
+    if ours != INITIAL_PID_NAMESPACE:
+        return None  # nested: siblings and ancestors are out of sight
+    roots = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                nspids = next(line for line in f if line.startswith("NSpid:")).split()[1:]
+            if len(nspids) == 1:
+                continue  # of the initial namespace: root_alive() covers it
+            ns = os.stat(f"/proc/{entry}/ns/pid").st_ino
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            continue  # exited meanwhile
+        except PermissionError:
+            return None
+        start = reaper.start_time(int(entry))
+        if start is not None:
+            roots.add((int(nspids[-1]), start % reaper.TAG, ns % reaper.TAG))
+    return roots
+
+
+class _Liveness:
+    """Whether sessions are alive, each worked out once per command."""
+
+    def __init__(self):
+        self._known: dict[str, bool | None] = {}
+        self._others: set | None | bool = False  # False: not read yet
+
+    def __call__(self, session: str) -> bool | None:
+        if session not in self._known:
+            alive = reaper.root_alive(session)
+            if alive is None:  # another pid namespace's session
+                if self._others is False:
+                    self._others = _other_namespace_roots()
+                if self._others is not None:
+                    alive = reaper.root_of(session) in self._others
+            self._known[session] = alive
+        return self._known[session]
+
+
 def segments(shm_dir: str = reaper.SHM_DIR) -> list[dict]:
     """One record per grain_shm segment in `shm_dir`, oldest first."""
     try:
@@ -48,7 +102,7 @@ def segments(shm_dir: str = reaper.SHM_DIR) -> list[dict]:
     except OSError:
         return []
     now = time.time()
-    alive_of: dict[str, bool | None] = {}
+    alive_of = _Liveness()
     records = []
     for name in names:
         persistent = reaper.PERSISTENT_RE.fullmatch(name) is not None
@@ -73,12 +127,10 @@ def segments(shm_dir: str = reaper.SHM_DIR) -> list[dict]:
         }
         if match:
             session = match.group(1)
-            if session not in alive_of:
-                alive_of[session] = reaper.root_alive(session)
             record.update(
                 session=session,
                 root_pid=reaper.root_of(session)[0],
-                alive=alive_of[session],
+                alive=alive_of(session),
                 reaper=reaper.reaper_running(session),
             )
         records.append(record)

@@ -50,7 +50,7 @@ PERSISTENT_PREFIX = "gsk_"
 PERSISTENT_RE = re.compile(r"gsk_[A-Za-z0-9_-]{12}")
 
 _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
-_TAG = 36**4
+TAG = 36**4
 POLL_INTERVAL = 0.05
 RESWEEP_AFTER = 1.0
 
@@ -101,7 +101,7 @@ def pid_namespace() -> int:
 
 def session_of(pid: int, start: int, namespace: int) -> str:
     """The session id of the tree rooted at `pid`."""
-    return _base36(pid, 5) + _base36(start % _TAG, 4) + _base36(namespace % _TAG, 4)
+    return _base36(pid, 5) + _base36(start % TAG, 4) + _base36(namespace % TAG, 4)
 
 
 def root_of(session: str) -> tuple[int, int, int]:
@@ -113,10 +113,10 @@ def root_alive(session: str) -> bool | None:
     """Whether the session's root runs; None when it is another pid
     namespace's session, whose pids this process cannot check."""
     pid, start_tag, ns_tag = root_of(session)
-    if ns_tag != pid_namespace() % _TAG:
+    if ns_tag != pid_namespace() % TAG:
         return None
     start = start_time(pid)
-    return start is not None and start % _TAG == start_tag
+    return start is not None and start % TAG == start_tag
 
 
 def lock_address(session: str) -> str:

@@ -83,6 +83,9 @@ def start_reaper() -> None:
         reaper_started = True
         if not sys.platform.startswith("linux") or not os.path.isdir(reaper.SHM_DIR):
             return  # segments cannot be listed here: nothing to sweep by name
+        if not sys.executable:  # embedded without an interpreter to run
+            warnings.warn("grain_shm: no sys.executable to run the session reaper")
+            return
         lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             lock.bind(reaper.lock_address(SESSION))
