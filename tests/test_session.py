@@ -294,8 +294,11 @@ def test_names_are_short_unguessable_and_carry_the_session(tmp_path):
             names.append(a.metadata.name)
             a.unlink_on_del()
             del a
+        kept = SharedMemoryArray((1,), np.uint8)
+        mode = os.stat("/dev/shm/" + kept.metadata.name).st_mode & 0o777
+        kept.unlink_on_del()
         print(json.dumps({"session": session.SESSION, "pid": os.getpid(),
-                          "names": names}), flush=True)
+                          "names": names, "mode": mode}), flush=True)
     """)
     try:
         info = tree.report()
@@ -303,6 +306,7 @@ def test_names_are_short_unguessable_and_carry_the_session(tmp_path):
     finally:
         tree.close()
     session, names = info["session"], info["names"]
+    assert info["mode"] == 0o600  # only its user may open it
     assert reaper.root_of(session)[0] == info["pid"]
     pattern = re.compile(r"gs" + session + r"_[A-Za-z0-9_-]{12}")
     for name in names:

@@ -61,6 +61,13 @@ def _session_id() -> str:
 
 SESSION = _session_id()
 SESSION_PREFIX = f"{NAME_PREFIX}{SESSION}_"
+
+
+def name_prefix() -> str:
+    """What the names of this session's segments start with (without "/")."""
+    return SESSION_PREFIX
+
+
 _shm.set_name_prefix(SESSION_PREFIX)
 
 # Checked by SharedMemoryArray.__new__ before every creation; a forked child
