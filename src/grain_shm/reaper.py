@@ -12,8 +12,9 @@ be read off a segment's name by anyone, with no registry to keep up to date:
   root (a false match needs the same pid at the same tick modulo 4.6 hours);
 - namespace tag: the inode of the root's pid namespace modulo 36**4. A pid
   means nothing in another pid namespace (containers sharing /dev/shm with
-  `--ipc=host`), so a session of a foreign namespace is "unknown": never
-  reaped, never collected.
+  `--ipc=host`), so for this module a session of another namespace is
+  "unknown" (root_alive() is None); only `gc` run as root in the initial pid
+  namespace, which sees every process, can settle it (see grain_shm.admin).
 
 The reaper watches the root (a pidfd where the kernel has one, else a 50 ms
 poll of the start time) and, once the root is gone for any reason, unlinks
