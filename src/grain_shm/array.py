@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional, Tuple
 import numpy as np
 import numpy.typing as npt
 
-from grain_shm import _shm
+from grain_shm import _shm, session
 
 
 class ArraySizeError(OverflowError, ValueError):
@@ -100,6 +100,8 @@ class SharedMemoryArray(np.ndarray):
     def __new__(cls, shape: Iterable[int], dtype: npt.DTypeLike = float) -> SharedMemoryArray:
         shape = _check_shape(shape)
         dtype = _check_dtype(dtype)
+        if not session.reaper_started:  # the only per-array cost of sessions
+            session.start_reaper()
         segment = _shm.create(_nbytes(shape, dtype))
         return np.ndarray.__new__(cls, shape, dtype, buffer=segment)
 
