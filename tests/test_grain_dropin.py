@@ -38,7 +38,12 @@ from conftest import run_python, shm_entries  # noqa: E402
 
 DROPIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dropin")
 PIPELINES = ("dataset_batch", "dataset_copy", "dataloader")
-DRIVER = "import pipelines; pipelines.main()"
+DRIVER = """
+import pipelines
+
+if __name__ == "__main__":
+    pipelines.main()
+"""
 GRAIN_SHM_ARRAY = "grain_shm.array.SharedMemoryArray"
 GRAIN_ARRAY = "grain._src.python.ipc.shared_memory_array.SharedMemoryArray"
 NUM_RECORDS, NUM_WORKERS = 22, 2  # as in dropin/pipelines.py
