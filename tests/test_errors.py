@@ -172,3 +172,10 @@ print("ok")
 """
     )
     assert out.strip().endswith("ok")
+
+
+def test_a_shape_numpy_rejects_after_the_segment_exists_leaves_nothing():
+    before = own_entries()
+    with pytest.raises(ValueError, match="dimension"):
+        SharedMemoryArray((1,) * 65, np.uint8)
+    assert own_entries() == before
