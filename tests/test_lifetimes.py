@@ -139,24 +139,26 @@ READER = textwrap.dedent(
     md = SharedMemoryArrayMetadata(sys.argv[1], (1 << 20,), np.uint8)
     arr = SharedMemoryArray.from_metadata(md)
     print(int(arr[::4096].sum()), flush=True)
-    time.sleep(600)
+    if sys.argv[2] == "wait":
+        time.sleep(600)
     """
 )
 
 
-def test_a_sigkilled_reader_unlinks_nothing():
+def test_readers_that_exit_or_are_sigkilled_unlink_nothing():
     arr = SharedMemoryArray((1 << 20,), np.uint8)
     arr.unlink_on_del()
     arr[:] = 3
     name = arr.metadata.name
     readers = [
-        subprocess.Popen([sys.executable, "-c", READER, name], stdout=subprocess.PIPE, text=True)
-        for _ in range(3)
+        subprocess.Popen([sys.executable, "-c", READER, name, how], stdout=subprocess.PIPE, text=True)
+        for how in ("wait", "wait", "exit")
     ]
     try:
         for reader in readers:
             assert reader.stdout.readline().strip() == str(3 * 256)
-        for reader in readers:
+        assert readers[2].wait(30) == 0
+        for reader in readers[:2]:
             reader.send_signal(signal.SIGKILL)
             assert reader.wait(30) == -signal.SIGKILL
     finally:

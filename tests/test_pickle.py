@@ -108,3 +108,41 @@ def test_views_cross_a_spawned_process():
     for arr, view in arrays:
         if view.size:
             assert view[(0,) * view.ndim] == 99
+
+
+def _child_echoes_checksums(queue, results):
+    try:
+        while (arr := queue.get()) is not None:
+            assert isinstance(arr, SharedMemoryArray)
+            results.put((str(arr.dtype), arr.shape, arr.tobytes()))
+        results.put(None)
+    except BaseException as exc:
+        results.put(("error", repr(exc), b""))
+
+
+def test_every_dtype_crosses_a_spawned_process():
+    from test_array import DTYPES
+
+    ctx = mp.get_context("spawn")
+    queue, results = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=_child_echoes_checksums, args=(queue, results))
+    child.start()
+    sent = []
+    try:
+        rng = np.random.default_rng(1)
+        for dtype in DTYPES:
+            arr = SharedMemoryArray((3, 5), dtype)
+            arr.unlink_on_del()
+            arr.view(np.uint8).reshape(-1)[:] = np.frombuffer(rng.bytes(arr.nbytes), np.uint8)
+            queue.put(arr)
+            sent.append(arr)
+        queue.put(None)
+        for arr in sent:
+            got = results.get(timeout=60)
+            assert got == (str(arr.dtype), arr.shape, arr.tobytes())
+        assert results.get(timeout=60) is None
+    finally:
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
