@@ -3,10 +3,13 @@
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
 import pytest
+
+from grain_shm import session
 
 SHM_DIR = "/dev/shm"
 
@@ -18,14 +21,22 @@ def shm_entries():
         return set()
 
 
+def own_entries():
+    """Entries of this test run: its session's segments (children inherit the
+    session). Other processes may share /dev/shm; their entries are not ours
+    to judge or remove."""
+    prefix = session.name_prefix()
+    return {name for name in shm_entries() if name.startswith(prefix)}
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_segments():
-    """Fail any test that leaves a new entry in /dev/shm."""
-    before = shm_entries()
+    """Fail any test that leaves a segment of its own in /dev/shm."""
+    before = own_entries()
     yield
     deadline = time.monotonic() + 5.0
     while True:
-        leaked = shm_entries() - before
+        leaked = own_entries() - before
         if not leaked or time.monotonic() > deadline:
             break
         time.sleep(0.05)  # asynchronous releases and exiting children settle
@@ -38,22 +49,30 @@ def no_leaked_segments():
 
 
 def run_python(code, *, timeout=120, env=None, check=True, args=()):
-    """Run `code` in a fresh interpreter; a crash (signal) is a test failure."""
+    """Run `code` as a script in a fresh interpreter (a file, so that
+    multiprocessing's spawn can re-import its __main__); a crash (signal) is a
+    test failure."""
     full_env = dict(os.environ)
     if env:
         full_env.update(env)
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, "child.py")
+        with open(script, "w") as f:
+            f.write(textwrap.dedent(code))
+        proc = subprocess.run(
+            [sys.executable, script, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+        )
     if check and proc.returncode != 0:
         how = (
             f"killed by signal {-proc.returncode}"
             if proc.returncode < 0
             else f"exit status {proc.returncode}"
         )
-        pytest.fail(f"child interpreter failed ({how})\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        pytest.fail(
+            f"child interpreter failed ({how})\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc

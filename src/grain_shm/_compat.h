@@ -2,6 +2,7 @@
 #ifndef GRAIN_SHM_COMPAT_H
 #define GRAIN_SHM_COMPAT_H
 
+#include <Python.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stddef.h>
@@ -19,22 +20,29 @@
 #define MAP_POPULATE 0
 #endif
 
-/* Reserve the segment's pages now, so a full /dev/shm is an errno here
- * instead of a SIGBUS on first touch.  Returns 0 or an errno value. */
+/* Size a new segment and reserve its pages now, so a full /dev/shm is an
+ * errno here instead of a SIGBUS on first touch.  Returns 0 or an errno. */
 static inline int gs_reserve(int fd, off_t size) {
-#if defined(__linux__)
     int rc;
+#if defined(__linux__)
+    /* fallocate also sets the size: no ftruncate needed. */
     do {
         rc = posix_fallocate(fd, 0, size);
     } while (rc == EINTR);
     return rc;
 #else
-    /* macOS backs a POSIX segment with wired memory at ftruncate time and
-     * fails ftruncate itself when it cannot: nothing is left to reserve. */
-    (void)fd;
-    (void)size;
-    return 0;
+    /* macOS backs a POSIX segment with memory at ftruncate time and fails
+     * ftruncate itself when it cannot; it has no posix_fallocate. */
+    do {
+        rc = ftruncate(fd, size);
+    } while (rc == -1 && errno == EINTR);
+    return rc == -1 ? errno : 0;
 #endif
+}
+
+/* a * b into *out; nonzero when it overflows. */
+static inline int gs_mul_overflow(Py_ssize_t a, Py_ssize_t b, Py_ssize_t *out) {
+    return __builtin_mul_overflow(a, b, out);
 }
 
 /* Fill buf with n unpredictable bytes.  Returns 0 or an errno value. */

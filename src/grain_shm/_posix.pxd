@@ -5,6 +5,7 @@ cdef extern from "_compat.h" nogil:
     enum: MAP_POPULATE
     int gs_reserve(int fd, off_t size)
     int gs_random_bytes(unsigned char *buf, size_t n)
+    bint gs_mul_overflow(Py_ssize_t a, Py_ssize_t b, Py_ssize_t *out)
 
 cdef extern from "_release.h" nogil:
     ctypedef struct gs_owner:

@@ -9,10 +9,12 @@ place that does so, or hands that release to the deleter (`enable_async_release`
 No file descriptor stays open per segment.
 """
 
+import operator
 import os
 
 cimport numpy as cnp
 from cpython.buffer cimport PyBuffer_FillInfo
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.errno cimport EACCES, EEXIST, EFBIG, EINTR, ENOMEM, ENOSPC, errno
 from libc.string cimport memcpy, strlen
 from posix.fcntl cimport O_CREAT, O_EXCL, O_RDONLY, O_RDWR
@@ -20,13 +22,13 @@ from posix.mman cimport (MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE,
                          mmap, munmap, shm_open, shm_unlink)
 from posix.stat cimport S_ISREG, fstat, struct_stat
 from posix.types cimport off_t
-from posix.unistd cimport close, ftruncate
+from posix.unistd cimport close
 
 from grain_shm._checkrc cimport check_rc, raise_errno
 from grain_shm._posix cimport (GS_MAX_THREADS, MAP_POPULATE, gs_deleter_enable,
                                gs_deleter_hold, gs_deleter_push, gs_deleter_stats,
-                               gs_deleter_stats_get, gs_deleter_stop, gs_owner,
-                               gs_owner_add, gs_owner_is_mine, gs_owner_take,
+                               gs_deleter_stats_get, gs_deleter_stop, gs_mul_overflow,
+                               gs_owner, gs_owner_add, gs_owner_is_mine, gs_owner_take,
                                gs_random_bytes, gs_release, gs_release_init,
                                gs_reserve, gs_unlink_owned)
 
@@ -45,6 +47,13 @@ cdef enum:
     CREATE_ATTEMPTS = 16
 
 cdef const char *ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+cdef enum:
+    RANDOM_POOL = 4096
+# Random bytes for names, fetched a page at a time (one getrandom per ~340
+# names). Only touched with the GIL held; emptied in a forked child so parent
+# and child never draw the same names.
+cdef unsigned char _random_pool[RANDOM_POOL]
+cdef size_t _random_used = RANDOM_POOL
 cdef char _prefix[PREFIX_CAP + 1]
 cdef size_t _prefix_len = 0
 cdef char _empty_buffer[1]
@@ -66,18 +75,30 @@ def set_name_prefix(str prefix not None):
 set_name_prefix("gs_")
 
 
-cdef int _new_path(char *out) noexcept nogil:
-    """Write "/<prefix><12 random chars>\\0" into out; 0 or an errno value."""
-    cdef unsigned char raw[RANDOM_CHARS]
-    cdef int i
-    cdef int rc = gs_random_bytes(raw, RANDOM_CHARS)
-    if rc != 0:
-        return rc
+cdef int _new_path(char *out) noexcept:
+    """Write "/<prefix><12 random chars>\\0" into out; 0 or an errno value.
+    Called with the GIL held, which guards the random pool."""
+    global _random_used
+    cdef int i, rc
+    if _random_used + RANDOM_CHARS > RANDOM_POOL:
+        rc = gs_random_bytes(_random_pool, RANDOM_POOL)
+        if rc != 0:
+            return rc
+        _random_used = 0
     memcpy(out, _prefix, _prefix_len)
     for i in range(RANDOM_CHARS):
-        out[_prefix_len + i] = ALPHABET[raw[i] & 63]
+        out[_prefix_len + i] = ALPHABET[_random_pool[_random_used + i] & 63]
     out[_prefix_len + RANDOM_CHARS] = 0
+    _random_used += RANDOM_CHARS
     return 0
+
+
+def _forget_random_pool():
+    global _random_used
+    _random_used = RANDOM_POOL
+
+
+os.register_at_fork(after_in_child=_forget_random_pool)
 
 
 cdef bytes _path_of(name):
@@ -94,6 +115,41 @@ cdef bytes _path_of(name):
             "characters, without '/' (except one leading) or NUL"
         )
     return b"/" + raw
+
+
+class ArraySizeError(OverflowError, ValueError):
+    """An array whose byte count does not fit in memory addresses.
+
+    An OverflowError, as Python's own size checks raise, that is also a
+    ValueError, as numpy's "array is too big" is."""
+
+
+def layout(shape, Py_ssize_t itemsize):
+    """(dims, nbytes) for an array of `shape`: ints >= 0, with a byte count
+    (and an element count) that fits in a Py_ssize_t."""
+    if isinstance(shape, int) or isinstance(shape, cnp.integer):
+        shape = (shape,)
+    try:
+        dims = tuple([operator.index(d) for d in shape])
+    except TypeError:
+        raise TypeError(f"shape must be an iterable of ints, not {shape!r}") from None
+    cdef Py_ssize_t count = 1, nbytes = itemsize, dim
+    cdef bint overflow = False
+    for d in dims:
+        if d < 0:
+            raise ValueError(f"negative dimensions are not allowed: {dims}")
+        if d > PY_SSIZE_T_MAX:
+            overflow = True
+            continue
+        dim = d
+        overflow |= gs_mul_overflow(count, dim, &count)
+        overflow |= gs_mul_overflow(nbytes, dim, &nbytes)
+    if overflow and 0 not in dims:
+        raise ArraySizeError(
+            f"an array of shape {dims} with {itemsize}-byte items is larger "
+            "than this machine can address"
+        )
+    return dims, (nbytes if not overflow else 0)
 
 
 def _no_space(Py_ssize_t nbytes, int err):
@@ -178,31 +234,19 @@ cdef class Segment:
 
 
 cdef int _create(char *path, size_t length, void **addr, int *stage) noexcept nogil:
-    """shm_open(O_EXCL) a fresh name, size, reserve and map it, close the fd.
-    On failure: nothing is left behind; returns the errno, `stage` says where."""
-    cdef int fd = -1
+    """shm_open(O_EXCL) the name in `path`, size and reserve it, map it, close
+    the fd. On failure nothing is left behind; returns the errno (EEXIST: pick
+    another name), and `stage` says how far it got."""
     cdef int rc = 0
-    cdef int attempt
     stage[0] = 0
-    for attempt in range(CREATE_ATTEMPTS):
-        rc = _new_path(path)
-        if rc != 0:
-            return rc
-        fd = shm_open(path, O_CREAT | O_EXCL | O_RDWR, 0o600)
-        if fd >= 0 or errno != EEXIST:
-            break
+    cdef int fd = shm_open(path, O_CREAT | O_EXCL | O_RDWR, 0o600)
     if fd < 0:
         return errno
     stage[0] = 1
-    while ftruncate(fd, <off_t>length) == -1:
-        if errno != EINTR:
-            rc = errno
-            break
+    rc = gs_reserve(fd, <off_t>length)
     if rc == 0:
         stage[0] = 2
-        rc = gs_reserve(fd, <off_t>length)
-    if rc == 0:
-        stage[0] = 3
+        # The creator writes every page next: map them all in one go.
         addr[0] = mmap(NULL, length, PROT_READ | PROT_WRITE,
                        MAP_SHARED | MAP_POPULATE, fd, 0)
         if addr[0] == MAP_FAILED:
@@ -222,9 +266,16 @@ def create(Py_ssize_t nbytes):
     cdef size_t length = nbytes if nbytes > 0 else 1
     cdef void *addr = NULL
     cdef int stage = 0
-    cdef int rc
-    with nogil:
-        rc = _create(path, length, &addr, &stage)
+    cdef int rc = EEXIST
+    cdef int attempt
+    for attempt in range(CREATE_ATTEMPTS):
+        rc = _new_path(path)
+        if rc != 0:
+            break
+        with nogil:
+            rc = _create(path, length, &addr, &stage)
+        if rc != EEXIST:
+            break
     if rc != 0:
         if rc in (ENOSPC, ENOMEM, EFBIG) and stage > 0:
             raise _no_space(nbytes, rc)
@@ -267,7 +318,9 @@ def open(name, Py_ssize_t required):
     cdef size_t length = <size_t>st.st_size
     if length > 0:
         with nogil:
-            addr = mmap(NULL, length, prot, MAP_SHARED | MAP_POPULATE, fd, 0)
+            # No MAP_POPULATE: read faults already map 16 pages at a time
+            # (fault-around), and populating made open+read slower here.
+            addr = mmap(NULL, length, prot, MAP_SHARED, fd, 0)
         if addr == MAP_FAILED:
             err = errno
             close(fd)

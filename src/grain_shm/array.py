@@ -9,21 +9,13 @@ the bytes: a view arrives as the same elements over the same memory.
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 from typing import Any, Iterable, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
 
-from grain_shm import _shm
-
-
-class ArraySizeError(OverflowError, ValueError):
-    """The array's byte count does not fit in memory addresses.
-
-    An OverflowError (as Python's own size checks raise) that is also a
-    ValueError (as numpy's "array is too big" is)."""
+from grain_shm import _shm, session
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -45,20 +37,6 @@ class SharedMemoryArrayMetadata:
         _shm.unlink(self.name)
 
 
-def _check_shape(shape: Any) -> Tuple[int, ...]:
-    if isinstance(shape, (int, np.integer)):
-        shape = (shape,)
-    try:
-        dims = tuple(operator.index(d) for d in shape)
-    except TypeError:
-        raise TypeError(f"shape must be an iterable of ints, not {shape!r}") from None
-    if any(d < 0 for d in dims):
-        raise ValueError(f"negative dimensions are not allowed: {dims}")
-    if len(dims) > np.MAXDIMS if hasattr(np, "MAXDIMS") else len(dims) > 64:
-        raise ValueError(f"too many dimensions: {len(dims)}")
-    return dims
-
-
 def _check_dtype(dtype: npt.DTypeLike) -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype.hasobject:
@@ -66,16 +44,6 @@ def _check_dtype(dtype: npt.DTypeLike) -> np.dtype:
             f"dtype {dtype} holds Python objects, which cannot live in shared memory"
         )
     return dtype
-
-
-def _nbytes(shape: Tuple[int, ...], dtype: np.dtype) -> int:
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes > np.iinfo(np.intp).max or math.prod(shape) > np.iinfo(np.intp).max:
-        raise ArraySizeError(
-            f"an array of shape {shape} and dtype {dtype} needs {nbytes} bytes, "
-            "more than this machine can address"
-        )
-    return nbytes
 
 
 def _count(name: str, value: Any, limit: int) -> int:
@@ -107,21 +75,26 @@ class SharedMemoryArray(np.ndarray):
     """
 
     def __new__(cls, shape: Iterable[int], dtype: npt.DTypeLike = float) -> SharedMemoryArray:
-        shape = _check_shape(shape)
         dtype = _check_dtype(dtype)
-        segment = _shm.create(_nbytes(shape, dtype))
-        return np.ndarray.__new__(cls, shape, dtype, buffer=segment)
+        shape, nbytes = _shm.layout(shape, dtype.itemsize)
+        if not session.reaper_started:  # the only per-array cost of sessions
+            session.start_reaper()
+        segment = _shm.create(nbytes)
+        try:
+            return np.ndarray.__new__(cls, shape, dtype, buffer=segment)
+        except BaseException:  # e.g. too many dimensions: leave nothing behind
+            segment.mark_unlink_on_release()
+            raise
 
     @classmethod
     def from_metadata(cls, metadata: SharedMemoryArrayMetadata) -> SharedMemoryArray:
         """Map the array `metadata` describes; the result does not own the name."""
-        shape = _check_shape(metadata.shape)
         dtype = _check_dtype(metadata.dtype)
+        shape, nbytes = _shm.layout(metadata.shape, dtype.itemsize)
         strides = getattr(metadata, "strides", None)
         offset = operator.index(getattr(metadata, "offset", 0))
-        _nbytes(shape, dtype)
         if strides is None:
-            needed = offset + math.prod(shape) * dtype.itemsize
+            needed = offset + nbytes
         else:
             strides = tuple(operator.index(s) for s in strides)
             if len(strides) != len(shape):

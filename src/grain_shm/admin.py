@@ -1,0 +1,362 @@
+"""`python -m grain_shm ls | gc | doctor`: look after /dev/shm by hand.
+
+- ls [--json]: grain_shm's segments with size, session, the session root's
+  pid, whether it is alive, whether its reaper runs, and age.
+- gc [--dry-run]: unlink the segments of sessions whose root is dead. A live
+  session's segments and persistent ones (session.persistent()) are never
+  touched, nor those of a session whose liveness is unknown: one of another
+  pid namespace, unless gc runs as root in the initial pid namespace, which
+  sees every process (the host of containers run with `--ipc=host`).
+- doctor: size and free space of /dev/shm, the largest array that fits, the
+  limits that bite (open files, vm.max_map_count), and what to do when
+  something is small. Exits non-zero when /dev/shm is missing, read-only or
+  refuses a segment.
+
+All three read segment names only (see grain_shm.reaper for what a name
+says); nothing here keeps state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+from grain_shm import reaper
+
+GiB = 1 << 30
+MiB = 1 << 20
+SMALL_SHM = 1 * GiB  # Docker's default is 64 MiB
+SMALL_MAP_COUNT = 65530  # the kernel's default; some distributions lower it
+SMALL_NOFILE = 4096
+INITIAL_PID_NAMESPACE = 0xEFFFFFFC  # the kernel's PROC_PID_INIT_INO
+
+
+def _human(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError
+
+
+def _other_namespace_roots() -> set[tuple[int, int, int]] | None:
+    """What would name a session in every other pid namespace: (pid as its
+    namespace numbers it, start tag, namespace tag) of each process there.
+
+    Only the initial pid namespace sees every process, so only there can a
+    session of another namespace (a container sharing /dev/shm with
+    `--ipc=host`) be found dead: no process left with its identity. None
+    elsewhere, or when some nested process's namespace is unreadable (not
+    root)."""
+    ours = reaper.pid_namespace()
+    if ours != INITIAL_PID_NAMESPACE:
+        return None  # nested: siblings and ancestors are out of sight
+    roots = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                nspids = next(line for line in f if line.startswith("NSpid:")).split()[1:]
+            if len(nspids) == 1:
+                continue  # of the initial namespace: root_alive() covers it
+            ns = os.stat(f"/proc/{entry}/ns/pid").st_ino
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            continue  # exited meanwhile
+        except PermissionError:
+            return None
+        start = reaper.start_time(int(entry))
+        if start is not None:
+            roots.add((int(nspids[-1]), start % reaper.TAG, ns % reaper.TAG))
+    return roots
+
+
+class _Liveness:
+    """Whether sessions are alive, each worked out once per command."""
+
+    def __init__(self):
+        self._known: dict[str, bool | None] = {}
+        self._others: set | None | bool = False  # False: not read yet
+
+    def __call__(self, session: str) -> bool | None:
+        if session not in self._known:
+            alive = reaper.root_alive(session)
+            if alive is None:  # another pid namespace's session
+                if self._others is False:
+                    self._others = _other_namespace_roots()
+                if self._others is not None:
+                    alive = reaper.root_of(session) in self._others
+            self._known[session] = alive
+        return self._known[session]
+
+
+def segments(shm_dir: str = reaper.SHM_DIR) -> list[dict]:
+    """One record per grain_shm segment in `shm_dir`, oldest first."""
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return []
+    now = time.time()
+    alive_of = _Liveness()
+    records = []
+    for name in names:
+        persistent = reaper.PERSISTENT_RE.fullmatch(name) is not None
+        match = reaper.SEGMENT_RE.fullmatch(name)
+        if not match and not persistent:
+            continue
+        try:
+            st = os.stat(os.path.join(shm_dir, name))
+        except OSError:
+            continue  # unlinked meanwhile
+        record = {
+            "name": name,
+            "size": st.st_size,
+            "session": None,
+            "root_pid": None,
+            "alive": None,
+            "reaper": None,
+            "persistent": persistent,
+            # ctime: creation, ftruncate and fallocate happen at once, and
+            # writes through a mapping do not touch it.
+            "age_s": round(max(0.0, now - st.st_ctime), 1),
+        }
+        if match:
+            session = match.group(1)
+            record.update(
+                session=session,
+                root_pid=reaper.root_of(session)[0],
+                alive=alive_of(session),
+                reaper=reaper.reaper_running(session),
+            )
+        records.append(record)
+    records.sort(key=lambda r: (-r["age_s"], r["name"]))
+    return records
+
+
+def _alive_text(record: dict) -> str:
+    if record["persistent"]:
+        return "kept"
+    return {True: "yes", False: "DEAD", None: "unknown"}[record["alive"]]
+
+
+def cmd_ls(args) -> int:
+    records = segments()
+    if args.json:
+        json.dump(records, sys.stdout, indent=1)
+        print()
+        return 0
+    if not records:
+        print(f"no grain_shm segments in {reaper.SHM_DIR}")
+        return 0
+    print(f"{'NAME':30} {'SIZE':>10} {'SESSION':13} {'ROOT':>7} {'ALIVE':7} {'REAPER':6} {'AGE':>8}")
+    for r in records:
+        print(
+            f"{r['name']:30} {_human(r['size']):>10} {r['session'] or '-':13} "
+            f"{r['root_pid'] or '-':>7} {_alive_text(r):7} "
+            f"{'-' if r['reaper'] is None else 'yes' if r['reaper'] else 'no':6} "
+            f"{r['age_s']:>7.0f}s"
+        )
+    dead = [r for r in records if r["alive"] is False]
+    total = sum(r["size"] for r in records)
+    print(f"{len(records)} segments, {_human(total)}", end="")
+    if dead:
+        print(f"; {len(dead)} of dead sessions: `python -m grain_shm gc` frees "
+              f"{_human(sum(r['size'] for r in dead))}")
+    else:
+        print()
+    return 0
+
+
+def cmd_gc(args) -> int:
+    dead = [r for r in segments() if r["alive"] is False]
+    freed = 0
+    count = 0
+    for r in dead:
+        if not args.dry_run:
+            try:
+                os.unlink(os.path.join(reaper.SHM_DIR, r["name"]))
+            except FileNotFoundError:
+                continue  # its reaper or owner was faster
+            except OSError as e:
+                print(f"cannot remove {r['name']}: {e}", file=sys.stderr)
+                continue
+        count += 1
+        freed += r["size"]
+        verb = "would free" if args.dry_run else "freed"
+        print(f"{verb} {r['name']} ({_human(r['size'])}, session {r['session']}, "
+              f"root pid {r['root_pid']} gone)")
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{verb} {count} segments, {_human(freed)}")
+    return 0
+
+
+def _mount_of(path: str) -> tuple[str, str] | None:
+    """(filesystem type, options) of the mount at `path`, from /proc/mounts."""
+    try:
+        with open("/proc/mounts") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return None
+    for fields in reversed(mounts):  # the last mount on a path hides the others
+        if len(fields) >= 4 and fields[1] == path:
+            return fields[2], fields[3]
+    return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cgroup_memory_left() -> int | None:
+    """Bytes this cgroup (v2) may still charge, if it has a limit: pages of
+    /dev/shm count against the cgroup that touches them first."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next(line[3:].strip() for line in f if line.startswith("0::"))
+    except (OSError, StopIteration):
+        return None
+    limit = None
+    while True:  # the tightest limit on the way up to the root
+        base = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
+        try:
+            with open(os.path.join(base, "memory.max")) as f:
+                raw = f.read().strip()
+            with open(os.path.join(base, "memory.current")) as f:
+                left = int(raw) - int(f.read()) if raw != "max" else None
+        except (OSError, ValueError):
+            left = None
+        if left is not None:
+            limit = max(0, left) if limit is None else min(limit, max(0, left))
+        if path in ("", "/"):
+            return limit
+        path = os.path.dirname(path)
+
+
+def _remove_ipc_on() -> bool:
+    """Whether systemd-logind removes a user's segments at their last logout."""
+    if not os.path.isdir("/run/systemd/system") or os.getuid() == 0:
+        return False  # no systemd, or root (RemoveIPC spares system users)
+    value = "yes"  # logind's default
+    for path in ("/etc/systemd/logind.conf",):
+        try:
+            with open(path) as f:
+                for line in f:
+                    key, _, v = line.strip().partition("=")
+                    if key.strip() == "RemoveIPC":
+                        value = v.strip().lower()
+        except OSError:
+            pass
+    return value in ("yes", "true", "1", "on")
+
+
+def _probe(shm_dir: str) -> str | None:
+    """Create and unlink one small segment; None if that works, else why not."""
+    from grain_shm import _shm
+
+    try:
+        segment = _shm.create(4096)
+    except (OSError, MemoryError) as e:
+        return f"cannot create a segment: {e}"
+    _shm.unlink(segment.name)
+    return None
+
+
+def cmd_doctor(args) -> int:
+    shm_dir = reaper.SHM_DIR
+    problems: list[str] = []
+    advice: list[str] = []
+    print(f"{shm_dir}:")
+    if not os.path.isdir(shm_dir):
+        problems.append(f"{shm_dir} does not exist: POSIX shared memory has nowhere to live")
+        advice.append(f"mount a tmpfs there: `mount -t tmpfs -o size=8g tmpfs {shm_dir}`")
+    else:
+        st = os.statvfs(shm_dir)
+        total = st.f_blocks * st.f_frsize
+        free = st.f_bavail * st.f_frsize
+        mount = _mount_of(shm_dir)
+        fstype = mount[0] if mount else "unknown"
+        readonly = bool(st.f_flag & os.ST_RDONLY)
+        print(f"  filesystem   {fstype}{' (read-only)' if readonly else ''}")
+        print(f"  size         {_human(total)}")
+        print(f"  free         {_human(free)}")
+        largest = free
+        memory = _cgroup_memory_left()
+        if memory is not None:
+            print(f"  memory left in this cgroup: {_human(memory)} (shared memory counts)")
+            largest = min(largest, memory)
+        largest -= largest % os.sysconf("SC_PAGE_SIZE")
+        print(f"  largest array that fits: {_human(largest)} "
+              f"({largest // 4:,} float32 elements)")
+        records = segments(shm_dir)
+        dead = [r for r in records if r["alive"] is False]
+        print(f"  grain_shm segments: {len(records)}, "
+              f"{_human(sum(r['size'] for r in records))}")
+        if readonly:
+            problems.append(f"{shm_dir} is mounted read-only")
+            advice.append(f"remount it read-write: `mount -o remount,rw {shm_dir}`")
+        else:
+            why = _probe(shm_dir)
+            if why:
+                problems.append(why)
+        if fstype not in ("tmpfs", "unknown"):
+            advice.append(f"{shm_dir} is {fstype}, not tmpfs: segments go to disk")
+        if total < SMALL_SHM:
+            advice.append(
+                f"{shm_dir} is small ({_human(total)}). In Docker: "
+                "`docker run --shm-size=8g` (or `--ipc=host`); in Kubernetes: "
+                "mount an `emptyDir: {medium: Memory, sizeLimit: 8Gi}` volume at "
+                f"/dev/shm; elsewhere: `mount -o remount,size=8G {shm_dir}`"
+            )
+        if dead:
+            advice.append(
+                f"{len(dead)} segments of dead sessions hold "
+                f"{_human(sum(r['size'] for r in dead))}: `python -m grain_shm gc`"
+            )
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    print("limits:")
+    print(f"  open files   {soft} (hard {hard}); grain_shm keeps no fd per array")
+    if soft != resource.RLIM_INFINITY and soft < SMALL_NOFILE:
+        advice.append(f"the open-file limit is {soft}: raise it for many workers (`ulimit -n 65536`)")
+    max_map = _read_int("/proc/sys/vm/max_map_count")
+    if max_map is not None:
+        print(f"  vm.max_map_count {max_map}: at most ~{max_map:,} arrays mapped per process")
+        if max_map < SMALL_MAP_COUNT:
+            advice.append(
+                f"vm.max_map_count is {max_map}: a process that maps more arrays "
+                "fails with ENOMEM; `sysctl -w vm.max_map_count=262144`"
+            )
+    if _remove_ipc_on():
+        advice.append(
+            "systemd-logind removes this user's shared memory at their last "
+            "logout (RemoveIPC=yes): set RemoveIPC=no in /etc/systemd/logind.conf "
+            "or run jobs under a system user or as a systemd service"
+        )
+    for line in problems:
+        print(f"PROBLEM: {line}")
+    for line in advice:
+        print(f"advice: {line}")
+    if not problems and not advice:
+        print("ok")
+    return 1 if problems else 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m grain_shm {argv[0]}")
+    if argv[0] == "ls":
+        parser.add_argument("--json", action="store_true", help="one JSON list of records")
+        return cmd_ls(parser.parse_args(argv[1:]))
+    if argv[0] == "gc":
+        parser.add_argument("--dry-run", action="store_true", help="only say what would go")
+        return cmd_gc(parser.parse_args(argv[1:]))
+    if argv[0] == "doctor":
+        return cmd_doctor(parser.parse_args(argv[1:]))
+    raise SystemExit(f"unknown command {argv[0]!r}")

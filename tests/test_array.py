@@ -1,0 +1,221 @@
+"""SharedMemoryArray in one process: shapes, dtypes, views, results, lifetimes."""
+
+import gc
+import os
+from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+import pytest
+
+from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata
+
+SHM = "/dev/shm"
+
+
+def exists(name):
+    return os.path.exists(os.path.join(SHM, name))
+
+
+def owned(shape, dtype=float):
+    arr = SharedMemoryArray(shape, dtype)
+    arr.unlink_on_del()
+    return arr
+
+
+# Every dtype numpy has that does not hold Python objects.
+DTYPES = [
+    np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32,
+    np.int64, np.uint64, np.float16, np.float32, np.float64, np.longdouble,
+    np.complex64, np.complex128, np.clongdouble,
+    "datetime64[ns]", "timedelta64[s]", "S7", "U3", "V5",
+    [("x", np.int32), ("y", np.float64, (2,))],
+    np.dtype([("a", "u1"), ("b", ">i4")], align=True),
+    ">f8", "<u2",
+]
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_dtype_round_trips_through_metadata(dtype):
+    arr = owned((3, 4), dtype)
+    source = np.frombuffer(np.random.default_rng(0).bytes(arr.nbytes), arr.dtype)
+    arr.view(np.uint8).reshape(-1)[:] = source.view(np.uint8)
+    other = SharedMemoryArray.from_metadata(arr.metadata)
+    assert other.dtype == arr.dtype and other.shape == (3, 4)
+    assert other.tobytes() == arr.tobytes()
+    assert np.shares_memory(other, other)  # a real array over real memory
+    other.view(np.uint8).reshape(-1)[0] ^= 0xFF
+    assert other.tobytes() == arr.tobytes()  # same memory, not a copy
+
+
+def test_default_dtype_is_float64_and_shape_is_any_iterable_of_ints():
+    for shape in ((2, 3), [2, 3], np.array([2, 3]), (d for d in (2, 3)), (np.int64(2), 3)):
+        arr = owned(shape)
+        assert arr.shape == (2, 3) and arr.dtype == np.float64
+    assert owned(5).shape == (5,)
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 5, 7), ()])
+def test_empty_and_zero_d_arrays(shape):
+    arr = owned(shape, np.int32)
+    assert arr.shape == shape
+    if arr.size:
+        arr[...] = 7
+    back = SharedMemoryArray.from_metadata(arr.metadata)
+    assert back.shape == shape
+    np.testing.assert_array_equal(back, arr)
+
+
+def test_max_ndim():
+    ndim = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
+    arr = owned((1,) * ndim, np.uint8)
+    arr[...] = 9
+    assert SharedMemoryArray.from_metadata(arr.metadata).reshape(-1)[0] == 9
+
+
+def test_zero_itemsize_dtype():
+    arr = owned((4,), "V0") if np.dtype("V0").itemsize == 0 else owned((4,), "S0")
+    assert arr.nbytes == 0
+    assert SharedMemoryArray.from_metadata(arr.metadata).shape == (4,)
+
+
+def test_metadata_is_grains_triple_plus_view_geometry():
+    arr = owned((2, 3), np.int16)
+    md = arr.metadata
+    assert (md.name, md.shape, md.dtype) == (md.name, (2, 3), np.int16)
+    assert exists(md.name)
+    assert md.strides is None and md.offset == 0
+    positional = SharedMemoryArrayMetadata(md.name, (2, 3), np.int16)
+    assert positional == md
+    with pytest.raises(dataclass_frozen_error()):
+        md.name = "other"
+
+
+def dataclass_frozen_error():
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
+
+
+def test_ufunc_results_and_reductions_are_plain_ndarrays():
+    arr = owned((4,), np.int64)
+    arr[:] = [1, 2, 3, 4]
+    assert type(arr + 1) is np.ndarray
+    assert type(np.sqrt(arr)) is np.ndarray
+    assert type(arr.sum(axis=0)) is np.int64 and arr.sum() == 10
+    assert type(arr.reshape(2, 2).sum(axis=0)) is np.ndarray
+    assert type(arr[[0, 2]]) is np.ndarray  # fancy indexing copies
+    assert type(arr[arr > 2]) is np.ndarray
+    result = np.add(arr, 1, out=arr)  # in place: still the shared array
+    assert result is arr and list(arr) == [2, 3, 4, 5]
+
+
+def test_basic_views_stay_shared_and_know_their_place():
+    arr = owned((4, 5), np.int32)
+    arr[...] = np.arange(20).reshape(4, 5)
+    view = arr[1:3, ::2]
+    assert type(view) is SharedMemoryArray
+    md = view.metadata
+    assert md.name == arr.metadata.name and md.offset == 5 * 4
+    np.testing.assert_array_equal(SharedMemoryArray.from_metadata(md), view)
+
+
+def test_a_private_copy_is_not_mistaken_for_shared_memory():
+    arr = owned((3,), np.int32)
+    arr[:] = 5
+    copy = arr.copy()
+    with pytest.raises(ValueError, match="copy"):
+        copy.metadata
+    import pickle
+
+    back = pickle.loads(pickle.dumps(copy))
+    np.testing.assert_array_equal(back, arr)  # sent by value instead
+
+
+def test_view_outlives_the_array_and_keeps_the_segment():
+    arr = owned((1000,), np.float64)
+    arr[:] = 3.0
+    name = arr.metadata.name
+    view = arr[10:20]
+    del arr
+    gc.collect()
+    assert exists(name)
+    assert view.sum() == 30.0
+    del view
+    gc.collect()
+    assert not exists(name)
+
+
+def test_dropping_a_view_never_releases_what_others_use():
+    arr = owned((100,), np.uint8)
+    name = arr.metadata.name
+    for _ in range(50):
+        view = arr[::3]
+        view[:] = 1
+        del view
+    gc.collect()
+    assert exists(name) and arr.sum() == 34
+
+
+def test_without_unlink_on_del_the_segment_stays_for_the_receiver():
+    arr = SharedMemoryArray((8,), np.int8)
+    arr[:] = 4
+    md = arr.metadata
+    del arr
+    gc.collect()
+    assert exists(md.name)
+    received = SharedMemoryArray.from_metadata(md)
+    assert received.sum() == 32 and not received._unlink_on_del
+    received.unlink_on_del()
+    del received
+    assert not exists(md.name)
+
+
+def test_reopened_array_does_not_own_the_name():
+    arr = owned((8,), np.int8)
+    other = SharedMemoryArray.from_metadata(arr.metadata)
+    assert not other._unlink_on_del
+    name = arr.metadata.name
+    del other
+    gc.collect()
+    assert exists(name)
+
+
+def test_no_file_descriptor_stays_open_per_array():
+    before = len(os.listdir("/proc/self/fd"))
+    arrays = [owned((16,), np.int32) for _ in range(200)]
+    opened = [SharedMemoryArray.from_metadata(a.metadata) for a in arrays]
+    assert len(os.listdir("/proc/self/fd")) == before
+    del arrays, opened
+
+
+def test_stdlib_opens_our_segments():
+    arr = owned((16,), np.int32)
+    arr[:] = np.arange(16)
+    shm = shared_memory.SharedMemory(name=arr.metadata.name)
+    try:
+        resource_tracker.unregister(shm._name, "shared_memory")
+        np.testing.assert_array_equal(np.ndarray((16,), np.int32, buffer=shm.buf), arr)
+    finally:
+        shm.close()
+
+
+def test_we_open_segments_the_stdlib_made():
+    shm = shared_memory.SharedMemory(create=True, size=64)
+    try:
+        np.ndarray((8,), np.int64, buffer=shm.buf)[:] = np.arange(8)
+        arr = SharedMemoryArray.from_metadata(
+            SharedMemoryArrayMetadata(shm.name, (8,), np.int64)
+        )
+        np.testing.assert_array_equal(arr, np.arange(8))
+        arr[0] = 42
+        assert shm.buf[0] == 42
+        del arr
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+def test_names_are_short_random_and_portable():
+    names = {owned((1,)).metadata.name for _ in range(200)}
+    assert len(names) == 200
+    for name in names:
+        assert len(name) + 1 <= 30
+        assert all(c.isalnum() or c in "_.-" for c in name)

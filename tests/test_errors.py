@@ -1,0 +1,181 @@
+"""Bad input gets a clear exception and leaves /dev/shm exactly as it was."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import run_python, own_entries
+
+from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata
+
+BIG = np.iinfo(np.int64).max
+
+
+@pytest.mark.parametrize("shape", [(-1,), (3, -2), [-5]])
+def test_negative_dims(shape):
+    with pytest.raises(ValueError, match="negative"):
+        SharedMemoryArray(shape, np.int32)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [
+        ((2**62, 4), np.int64),          # bytes overflow int64
+        ((2**32, 2**32), np.uint8),      # product wraps int64 to 0
+        ((2**32, 2**32, 3), np.uint8),   # product wraps to a small positive
+        ((2**70,), np.uint8),            # a dim beyond int64
+        ((BIG,), np.int16),
+    ],
+)
+def test_overflowing_shapes(shape, dtype):
+    before = own_entries()
+    with pytest.raises((OverflowError, ValueError)) as info:
+        SharedMemoryArray(shape, dtype)
+    assert isinstance(info.value, OverflowError) and isinstance(info.value, ValueError)
+    assert own_entries() == before
+
+
+@pytest.mark.parametrize("shape", [(1.5,), ("3",), (None,), 2.0])
+def test_non_integer_shapes(shape):
+    with pytest.raises(TypeError):
+        SharedMemoryArray(shape, np.int32)
+
+
+OBJECT_DTYPES = [object, [("x", np.int32), ("o", object)]]
+if hasattr(np.dtypes, "StringDType"):  # numpy >= 2: strings kept on the heap
+    OBJECT_DTYPES.append(np.dtypes.StringDType())
+
+
+@pytest.mark.parametrize("dtype", OBJECT_DTYPES, ids=str)
+def test_dtypes_holding_python_objects(dtype):
+    before = own_entries()
+    with pytest.raises(TypeError, match="objects"):
+        SharedMemoryArray((3,), dtype)
+    assert own_entries() == before
+
+
+def test_missing_name():
+    with pytest.raises(FileNotFoundError):
+        SharedMemoryArray.from_metadata(
+            SharedMemoryArrayMetadata("gs_definitely_not_there", (1,), np.uint8)
+        )
+
+
+@pytest.mark.parametrize(
+    "name", ["", "/", "a/b", "a\0b", "x" * 300, ".", ".."], ids=repr
+)
+def test_invalid_names(name):
+    md = SharedMemoryArrayMetadata(name, (1,), np.uint8)
+    with pytest.raises(ValueError, match="name"):
+        SharedMemoryArray.from_metadata(md)
+    with pytest.raises(ValueError, match="name"):
+        md.close_and_unlink_shm()
+
+
+def test_metadata_larger_than_segment_is_an_error_not_a_sigbus():
+    # In a child: if the check were missing, touching the tail would SIGBUS.
+    run_python(
+        """
+        import numpy as np, pytest
+        from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata
+        arr = SharedMemoryArray((100,), np.uint8)
+        arr.unlink_on_del()
+        name = arr.metadata.name
+        cases = [
+            SharedMemoryArrayMetadata(name, (101,), np.uint8),
+            SharedMemoryArrayMetadata(name, (4096 * 4,), np.float64),
+            SharedMemoryArrayMetadata(name, (10,), np.uint8, None, 95),
+            SharedMemoryArrayMetadata(name, (10,), np.uint8, (20,), 0),
+            SharedMemoryArrayMetadata(name, (10,), np.uint8, (-1,), 5),
+        ]
+        for md in cases:
+            with pytest.raises(ValueError):
+                SharedMemoryArray.from_metadata(md)
+        # The largest geometry that does fit still works.
+        ok = SharedMemoryArray.from_metadata(
+            SharedMemoryArrayMetadata(name, (10,), np.uint8, (-10,), 99))
+        ok[0] = 1
+        assert arr[99] == 1
+        """
+    )
+
+
+def test_short_segment_made_elsewhere():
+    # A segment truncated behind our back (e.g. by another library).
+    arr = SharedMemoryArray((4096,), np.uint8)
+    arr.unlink_on_del()
+    md = arr.metadata
+    os.truncate(os.path.join("/dev/shm", md.name), 10)
+    with pytest.raises(ValueError, match="metadata"):
+        SharedMemoryArray.from_metadata(md)
+
+
+def _can_unshare():
+    if not shutil.which("unshare") or sys.platform != "linux":
+        return False
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+needs_small_shm = pytest.mark.skipif(
+    not _can_unshare(), reason="needs `unshare --mount` and tmpfs mounts (root)"
+)
+
+
+def run_with_small_shm(code, size="16m"):
+    """Run `code` in a child whose /dev/shm is its own `size` tmpfs."""
+    script = f"mount -t tmpfs -o size={size} tmpfs /dev/shm && exec \"$0\" -c \"$1\""
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+         sys.executable, code],
+        capture_output=True, text=True, timeout=120,
+    )
+    if proc.returncode != 0:
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"status {proc.returncode}"
+        pytest.fail(f"child failed ({how}):\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+@needs_small_shm
+def test_full_dev_shm_is_a_memory_error_naming_the_fix():
+    out = run_with_small_shm(
+        """
+import os, numpy as np, pytest
+from grain_shm import SharedMemoryArray
+with pytest.raises(MemoryError) as info:
+    SharedMemoryArray((32 << 20,), np.uint8)
+message = str(info.value)
+assert "/dev/shm" in message and "16777216 bytes free" in message, message
+assert "--shm-size" in message, message
+assert os.listdir("/dev/shm") == [], os.listdir("/dev/shm")
+
+# Fill it up with arrays that fit, touching every page: never a SIGBUS.
+kept = []
+with pytest.raises(MemoryError):
+    for _ in range(100):
+        arr = SharedMemoryArray((3 << 20,), np.uint8)
+        arr.unlink_on_del()
+        arr[:] = 1
+        kept.append(arr)
+assert len(kept) == 5, len(kept)
+assert len(os.listdir("/dev/shm")) == 5
+del kept, arr
+assert os.listdir("/dev/shm") == []
+print("ok")
+"""
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_a_shape_numpy_rejects_after_the_segment_exists_leaves_nothing():
+    before = own_entries()
+    with pytest.raises(ValueError, match="dimension"):
+        SharedMemoryArray((1,) * 65, np.uint8)
+    assert own_entries() == before

@@ -1,0 +1,197 @@
+"""Who unlinks, and when: process exit, fork, killed readers, big arrays."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+from conftest import run_python
+
+from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata
+
+
+def exists(name):
+    return os.path.exists("/dev/shm/" + name)
+
+
+def test_owned_arrays_alive_at_exit_are_unlinked_quietly():
+    proc = run_python(
+        """
+        import numpy as np
+        from grain_shm import SharedMemoryArray
+        keep = []
+        for i in range(5):
+            arr = SharedMemoryArray((100 + i,), np.int32)
+            arr.unlink_on_del()
+            keep.append(arr[1:])  # a view keeps it alive to the end
+        print(" ".join(a.metadata.name for a in keep))
+        """
+    )
+    names = proc.stdout.split()
+    assert len(names) == 5
+    assert not any(exists(n) for n in names)
+    assert proc.stderr == ""
+
+
+def test_created_but_unowned_arrays_stay_for_the_receiver_after_exit():
+    proc = run_python(
+        """
+        import numpy as np
+        from grain_shm import SharedMemoryArray
+        arr = SharedMemoryArray((10,), np.int64)
+        arr[:] = 7
+        print(arr.metadata.name)
+        """
+    )
+    name = proc.stdout.strip()
+    try:
+        assert exists(name)
+        md = SharedMemoryArrayMetadata(name, (10,), np.int64)
+        assert SharedMemoryArray.from_metadata(md).sum() == 70
+    finally:
+        SharedMemoryArrayMetadata(name, (10,), np.int64).close_and_unlink_shm()
+
+
+def test_multiprocessing_worker_exit_unlinks_what_it_owns():
+    # multiprocessing children leave through os._exit, which skips atexit.
+    run_python(
+        """
+        import multiprocessing as mp, os
+        import numpy as np
+        from grain_shm import SharedMemoryArray
+
+        kept = []
+        def work(queue):
+            arr = SharedMemoryArray((64,), np.uint8)
+            arr.unlink_on_del()
+            kept.append(arr)
+            queue.put(arr.metadata.name)
+
+        if __name__ == "__main__":
+            for method in ("spawn", "fork", "forkserver"):
+                ctx = mp.get_context(method)
+                queue = ctx.Queue()
+                child = ctx.Process(target=work, args=(queue,))
+                child.start()
+                name = queue.get(timeout=60)
+                child.join(60)
+                assert child.exitcode == 0, (method, child.exitcode)
+                assert not os.path.exists("/dev/shm/" + name), method
+        """,
+        timeout=180,
+    )
+
+
+def test_a_forked_child_never_unlinks_the_parents_names():
+    run_python(
+        """
+        import gc, os
+        import numpy as np
+        from grain_shm import SharedMemoryArray
+        arr = SharedMemoryArray((32,), np.int32)
+        arr.unlink_on_del()
+        name = arr.metadata.name
+        pid = os.fork()
+        if pid == 0:
+            # The child drops its inherited copy and makes one of its own.
+            del arr
+            gc.collect()
+            mine = SharedMemoryArray((8,), np.int32)
+            mine.unlink_on_del()
+            mine_name = mine.metadata.name
+            del mine
+            os._exit(0 if os.path.exists("/dev/shm/" + name)
+                     and not os.path.exists("/dev/shm/" + mine_name) else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert os.path.exists("/dev/shm/" + name)
+        arr[:] = 1  # the parent's mapping is untouched
+        """
+    )
+
+
+def test_a_child_that_marks_an_inherited_array_owns_it():
+    run_python(
+        """
+        import os
+        import numpy as np
+        from grain_shm import SharedMemoryArray
+        arr = SharedMemoryArray((32,), np.int32)
+        name = arr.metadata.name
+        pid = os.fork()
+        if pid == 0:
+            arr.unlink_on_del()
+            del arr
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert not os.path.exists("/dev/shm/" + name)
+        """
+    )
+
+
+READER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata
+    md = SharedMemoryArrayMetadata(sys.argv[1], (1 << 20,), np.uint8)
+    arr = SharedMemoryArray.from_metadata(md)
+    print(int(arr[::4096].sum()), flush=True)
+    if sys.argv[2] == "wait":
+        time.sleep(600)
+    """
+)
+
+
+def test_readers_that_exit_or_are_sigkilled_unlink_nothing():
+    arr = SharedMemoryArray((1 << 20,), np.uint8)
+    arr.unlink_on_del()
+    arr[:] = 3
+    name = arr.metadata.name
+    readers = [
+        subprocess.Popen([sys.executable, "-c", READER, name, how], stdout=subprocess.PIPE, text=True)
+        for how in ("wait", "wait", "exit")
+    ]
+    try:
+        for reader in readers:
+            assert reader.stdout.readline().strip() == str(3 * 256)
+        assert readers[2].wait(30) == 0
+        for reader in readers[:2]:
+            reader.send_signal(signal.SIGKILL)
+            assert reader.wait(30) == -signal.SIGKILL
+    finally:
+        for reader in readers:
+            reader.kill()
+            reader.stdout.close()
+    assert exists(name)
+    assert arr.sum() == 3 * (1 << 20)  # the owner still reads its data
+
+
+def test_one_gib_array_crosses_a_spawned_process():
+    run_python(
+        """
+        import multiprocessing as mp
+        import numpy as np
+        from grain_shm import SharedMemoryArray
+
+        def check(arr, queue):
+            queue.put((arr.nbytes, int(arr[::4096].sum()), int(arr[-1])))
+            arr[0] = 9
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("spawn")
+            arr = SharedMemoryArray((1 << 30,), np.uint8)
+            arr.unlink_on_del()
+            arr[:] = 1
+            arr[-1] = 5
+            queue = ctx.Queue()
+            child = ctx.Process(target=check, args=(arr, queue))
+            child.start()
+            assert queue.get(timeout=120) == (1 << 30, (1 << 30) // 4096, 5)
+            child.join(60)
+            assert child.exitcode == 0 and arr[0] == 9
+        """,
+        timeout=300,
+    )

@@ -1,0 +1,148 @@
+"""Pickling sends a reference: the same elements over the same memory."""
+
+import multiprocessing as mp
+import pickle
+
+import numpy as np
+import pytest
+
+from grain_shm import SharedMemoryArray
+
+PROTOCOLS = range(2, pickle.HIGHEST_PROTOCOL + 1)
+
+VIEWS = {
+    "whole": lambda a: a,
+    "row": lambda a: a[2],
+    "column": lambda a: a[:, 3],
+    "strided": lambda a: a[1::2, ::3],
+    "transposed": lambda a: a.T,
+    "reversed": lambda a: a[::-1],
+    "reversed-both": lambda a: a[::-1, ::-2],
+    "zero-d": lambda a: a[1, 2, ...],
+    "dtype-view": lambda a: a.view(np.int16),
+    "bytes": lambda a: a[3:].view(np.uint8),
+    "reshaped": lambda a: a.reshape(4, 2, 7),
+    "empty-slice": lambda a: a[3:3],
+    "broadcast": lambda a: np.broadcast_to(a[0], (5, 7), subok=True),
+}
+
+
+def make_grid():
+    arr = SharedMemoryArray((8, 7), np.int32)
+    arr.unlink_on_del()
+    arr[...] = np.arange(56).reshape(8, 7)
+    return arr
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("view_name", list(VIEWS))
+def test_view_arrives_as_the_same_elements_over_the_same_memory(view_name, protocol):
+    view = VIEWS[view_name](make_grid())
+    data = pickle.dumps(view, protocol=protocol)
+    assert len(data) < 1000  # a reference, not the bytes
+    back = pickle.loads(data)
+    assert isinstance(back, SharedMemoryArray)
+    assert back.shape == view.shape and back.dtype == view.dtype
+    assert back.strides == view.strides
+    np.testing.assert_array_equal(back, view)
+    if view.size:
+        first = (0,) * back.ndim
+        back[first] = 99  # write through the unpickled array ...
+        assert view[first] == 99  # ... and the original sees it: same memory
+    assert not back._unlink_on_del  # an unpickled array never owns the name
+
+
+def test_a_large_array_pickles_to_a_few_hundred_bytes():
+    arr = SharedMemoryArray((1 << 20,), np.float64)
+    arr.unlink_on_del()
+    assert len(pickle.dumps(arr, protocol=5)) < 400
+
+
+def test_dropping_the_unpickled_array_does_not_unlink():
+    grid = make_grid()
+    name = grid.metadata.name
+    back = pickle.loads(pickle.dumps(grid))
+    del back
+    import os
+
+    assert os.path.exists("/dev/shm/" + name)
+
+
+def _child_checks_views(queue, results):
+    try:
+        checked = 0
+        while (item := queue.get()) is not None:
+            view_name, view, expected = item
+            assert isinstance(view, SharedMemoryArray), type(view)
+            np.testing.assert_array_equal(view, expected, err_msg=view_name)
+            if view.size:
+                view[(0,) * view.ndim] = 99  # visible to the parent
+            checked += 1
+        results.put(("ok", checked))
+    except BaseException as exc:  # report, never hang the parent
+        results.put(("error", repr(exc)))
+
+
+def test_views_cross_a_spawned_process():
+    ctx = mp.get_context("spawn")
+    queue, results = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=_child_checks_views, args=(queue, results))
+    child.start()
+    arrays = []
+    try:
+        for view_name, make in VIEWS.items():
+            arr = SharedMemoryArray((8, 7), np.int32)
+            arr.unlink_on_del()
+            arr[...] = np.arange(56).reshape(8, 7)
+            view = make(arr)
+            queue.put((view_name, view, np.array(view)))
+            arrays.append((arr, view))
+        queue.put(None)
+        status, detail = results.get(timeout=60)
+    finally:
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+    assert status == "ok", detail
+    assert detail == len(arrays)
+    for arr, view in arrays:
+        if view.size:
+            assert view[(0,) * view.ndim] == 99
+
+
+def _child_echoes_checksums(queue, results):
+    try:
+        while (arr := queue.get()) is not None:
+            assert isinstance(arr, SharedMemoryArray)
+            results.put((str(arr.dtype), arr.shape, arr.tobytes()))
+        results.put(None)
+    except BaseException as exc:
+        results.put(("error", repr(exc), b""))
+
+
+def test_every_dtype_crosses_a_spawned_process():
+    from test_array import DTYPES
+
+    ctx = mp.get_context("spawn")
+    queue, results = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=_child_echoes_checksums, args=(queue, results))
+    child.start()
+    sent = []
+    try:
+        rng = np.random.default_rng(1)
+        for dtype in DTYPES:
+            arr = SharedMemoryArray((3, 5), dtype)
+            arr.unlink_on_del()
+            arr.view(np.uint8).reshape(-1)[:] = np.frombuffer(rng.bytes(arr.nbytes), np.uint8)
+            queue.put(arr)
+            sent.append(arr)
+        queue.put(None)
+        for arr in sent:
+            got = results.get(timeout=60)
+            assert got == (str(arr.dtype), arr.shape, arr.tobytes())
+        assert results.get(timeout=60) is None
+    finally:
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
