@@ -464,15 +464,8 @@ def test_exit_mid_burst_from_threads():
     assert proc.stderr == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session.py registers its exit Finalize with os.register_at_fork, but a "
-    "multiprocessing fork child clears util._finalizer_registry in "
-    "Process._bootstrap before running the target; it needs "
-    "util.register_after_fork too",
-)
 def test_multiprocessing_worker_exit_finishes_pending_releases():
-    # multiprocessing children leave via os._exit; the exit hook must run from
+    # multiprocessing children leave via os._exit; the exit hook runs from
     # multiprocessing's finalizers instead of atexit.
     proc = run("""
         import multiprocessing as mp
