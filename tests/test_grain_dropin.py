@@ -138,12 +138,7 @@ def _run_with_grain_shm(name, out, stand_in_async_del):
 
 @pytest.mark.parametrize(
     "stand_in_async_del",
-    [
-        pytest.param(False, id="grain_shm", marks=ASYNC_DEL_XFAIL),
-        # Until issue 4: the consumer's enable_async_del is a no-op stand-in
-        # (set in the child, dropin/pipelines.py), so all the rest is proven.
-        pytest.param(True, id="grain_shm+async_del_stand_in"),
-    ],
+    [pytest.param(False, id="grain_shm")],
 )
 @pytest.mark.parametrize("name", PIPELINES)
 def test_grain_pipeline_runs_on_grain_shm(name, stand_in_async_del, grain_reference, tmp_path):
