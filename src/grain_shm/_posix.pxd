@@ -16,6 +16,7 @@ cdef extern from "_release.h" nogil:
     int gs_owner_take(gs_owner *owner)
     void gs_unlink_owned()
     int gs_release(void *addr, size_t length, const char *unlink_path)
+    void *gs_mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
 
     # The deleter behind enable_async_del: a bounded queue served by pthreads.
     enum: GS_MAX_THREADS

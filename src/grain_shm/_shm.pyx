@@ -19,7 +19,7 @@ from libc.errno cimport EACCES, EEXIST, EFBIG, EINTR, ENOMEM, ENOSPC, errno
 from libc.string cimport memcpy, strlen
 from posix.fcntl cimport O_CREAT, O_EXCL, O_RDONLY, O_RDWR
 from posix.mman cimport (MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE,
-                         mmap, munmap, shm_open, shm_unlink)
+                         shm_open, shm_unlink)
 from posix.stat cimport S_ISREG, fstat, struct_stat
 from posix.types cimport off_t
 from posix.unistd cimport close
@@ -27,10 +27,11 @@ from posix.unistd cimport close
 from grain_shm._checkrc cimport check_rc, raise_errno
 from grain_shm._posix cimport (GS_MAX_THREADS, MAP_POPULATE, gs_deleter_enable,
                                gs_deleter_hold, gs_deleter_push, gs_deleter_stats,
-                               gs_deleter_stats_get, gs_deleter_stop, gs_mul_overflow,
-                               gs_owner, gs_owner_add, gs_owner_is_mine, gs_owner_take,
-                               gs_random_bytes, gs_release, gs_release_init,
-                               gs_reserve, gs_unlink_owned)
+                               gs_deleter_stats_get, gs_deleter_stop, gs_mmap,
+                               gs_mul_overflow, gs_owner, gs_owner_add,
+                               gs_owner_is_mine, gs_owner_take, gs_random_bytes,
+                               gs_release, gs_release_init, gs_reserve,
+                               gs_unlink_owned)
 
 cnp.import_array()
 if gs_release_init() != 0:
@@ -247,8 +248,8 @@ cdef int _create(char *path, size_t length, void **addr, int *stage) noexcept no
     if rc == 0:
         stage[0] = 2
         # The creator writes every page next: map them all in one go.
-        addr[0] = mmap(NULL, length, PROT_READ | PROT_WRITE,
-                       MAP_SHARED | MAP_POPULATE, fd, 0)
+        addr[0] = gs_mmap(NULL, length, PROT_READ | PROT_WRITE,
+                          MAP_SHARED | MAP_POPULATE, fd, 0)
         if addr[0] == MAP_FAILED:
             rc = errno
             addr[0] = NULL
@@ -320,7 +321,7 @@ def open(name, Py_ssize_t required):
         with nogil:
             # No MAP_POPULATE: read faults already map 16 pages at a time
             # (fault-around), and populating made open+read slower here.
-            addr = mmap(NULL, length, prot, MAP_SHARED, fd, 0)
+            addr = gs_mmap(NULL, length, prot, MAP_SHARED, fd, 0)
         if addr == MAP_FAILED:
             err = errno
             close(fd)
