@@ -128,5 +128,4 @@ SECTION = Section(
     name="ceilings",
     processes=lambda cell, ctx: [("ceilings", run, ())],
     summarize=lambda cell, outputs: outputs["ceilings"],
-    per_transport=False,
 )

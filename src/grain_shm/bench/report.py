@@ -146,15 +146,20 @@ def ceilings_table(doc: dict):
 _TITLES = {
     "ceilings": "Ceilings of this machine (one thread, no transport; medians)",
     "transfer": (
-        "Transfer: producer process -> multiprocessing.Queue -> consumer process "
-        "(medians of timed segments; × = GB/s ratio; of ceiling = share of the "
-        "slower of first-touch fill and fresh-mapping read)"
+        "Transfer: producer process -> multiprocessing.Queue ({depth} deep) -> consumer "
+        "process, which reads and checks every byte. Medians of timed segments; "
+        "× = GB/s ratio; of ceiling = share of the slower of first-touch fill and "
+        "fresh-mapping read"
     ),
     "cfd": (
-        "create+fill+destroy in one process, µs per array (median; ÷ stdlib = time "
-        "ratio, lower is better; of ceiling = first-touch fill time / this time)"
+        "create+fill+destroy in one process, µs per array (median). pickle = a "
+        "private np.empty array (malloc recycles its pages); ÷ stdlib = time "
+        "ratio, lower is better; of ceiling = first-touch fill time / this time"
     ),
-    "release": "release on the caller: dropping a received, read array, µs (median)",
+    "release": (
+        "release on the caller: dropping a received array this process owns, "
+        "after reading it, µs (median)"
+    ),
 }
 
 
@@ -167,7 +172,8 @@ def _tables(doc: dict) -> List[Tuple[str, list, list]]:
             headers, rows = ceilings_table(doc)
         else:
             headers, rows = micro_table(doc, section)
-        built.append((_TITLES[section], headers, rows))
+        title = _TITLES[section].format(depth=doc["config"]["transfer_queue_depth"])
+        built.append((title, headers, rows))
     return built
 
 

@@ -56,7 +56,6 @@ class Section:
     name: str
     processes: Callable[[Cell, Any], List[Tuple[str, Callable, tuple]]]
     summarize: Callable[[Cell, Dict[str, dict]], dict]
-    per_transport: bool = True
 
 
 def format_size(nbytes: int) -> str:
