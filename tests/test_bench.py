@@ -5,6 +5,7 @@ that every section ran (or was skipped with a reason), every figure is where
 the JSON promises it, the checksums passed, and /dev/shm was left clean.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -95,9 +96,25 @@ def test_no_leak_and_tables_printed(quick_run):
 
 
 @pytest.mark.parametrize(
-    "args", [["--transports", "carrier-pigeon"], ["--sizes", "12"], ["--sections", ""]]
+    "args, message",
+    [
+        (["--transports", "carrier-pigeon"], "unknown carrier-pigeon"),
+        (["--sizes", "12"], "multiple of 8 bytes"),
+        (["--sections", ""], "choose from"),
+        (["--json", "/no/such/dir/bench.json"], "no directory /no/such/dir"),
+    ],
 )
-def test_bad_arguments_exit_2(args):
+def test_bad_arguments_exit_2_before_running(args, message):
     proc = run_bench(*args, timeout=60)
     assert proc.returncode == 2
-    assert "error" in proc.stderr
+    assert message in proc.stderr
+    assert "[cell" not in proc.stderr
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed"
+)
+def test_plot_without_matplotlib_says_what_to_install(tmp_path):
+    proc = run_bench("--plot", str(tmp_path / "bench.png"), timeout=60)
+    assert proc.returncode == 2
+    assert "pip install 'grain_shm[plot]'" in proc.stderr

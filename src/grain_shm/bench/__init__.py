@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import sys
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from grain_shm.bench import ceilings, leaks, machine, micro, plot, report, runner, transfer
 from grain_shm.bench.payload import check_size
@@ -105,14 +106,23 @@ def plan(args) -> List[Cell]:
     return cells
 
 
+def _output_problem(args) -> Optional[str]:
+    for path in filter(None, (args.json, args.plot)):
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            return f"cannot write {path}: no directory {folder}"
+    return plot.problem(args.sections) if args.plot else None
+
+
 def main(argv: Sequence[str]) -> int:
     """argv[0] is "bench" (as `python -m grain_shm` passes it)."""
     try:
         args = _parser().parse_args(list(argv)[1:])
     except SystemExit as exit_:
         return exit_.code
-    if args.plot and plot.problem(args.sections):
-        print(plot.problem(args.sections), file=sys.stderr)
+    problem = _output_problem(args)
+    if problem:  # found now, not after minutes of measuring
+        print(f"python -m grain_shm bench: {problem}", file=sys.stderr)
         return 2
     started = datetime.datetime.now(datetime.timezone.utc)
     doc = {

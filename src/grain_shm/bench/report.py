@@ -26,6 +26,11 @@ def _num(x: float) -> str:
     return f"{x:.2f}"
 
 
+def _ratio(x: float) -> str:
+    """Two decimals, or two significant digits for ratios far below 1."""
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
+
+
 def _status(record: Optional[dict]) -> str:
     if record is None:
         return "-"
@@ -86,8 +91,8 @@ def transfer_table(doc: dict):
                 f"{result['arrays_per_s']['median']:,.0f}",
                 _num(result["producer_cpu_us"]),
                 _num(result["consumer_cpu_us"]),
-                f"{gbps / pickle:.2f}" if pickle else "",
-                f"{gbps / stdlib:.2f}" if stdlib else "",
+                _ratio(gbps / pickle) if pickle else "",
+                _ratio(gbps / stdlib) if stdlib else "",
                 f"{gbps / bound:.0%}" if bound and transport in GRAIN_SHM else "",
             ])
     return headers, rows
@@ -117,7 +122,7 @@ def micro_table(doc: dict, section: str):
             else:
                 row.append(_status(micro.get((section, transport))))
         if "stdlib" in medians:
-            row += [f"{medians[t][size] / medians['stdlib'][size]:.2f}" for t in ours]
+            row += [_ratio(medians[t][size] / medians["stdlib"][size]) for t in ours]
         if with_ceiling:
             fill = ceilings.get(size, {}).get("first_touch_fill")
             row += [f"{fill['us']['median'] / medians[t][size]:.0%}" if fill else "" for t in ours]
