@@ -26,6 +26,9 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+# Names the benchmark itself makes in /dev/shm (SharedArray's, the ceilings').
+NAME_PREFIX = "grain_shm_bench_"
+
 
 class Unavailable(Exception):
     """This transport cannot run here; its cells are skipped with this reason."""
@@ -222,9 +225,6 @@ class SharedArrayTransport:
     def unlink(self, name: str) -> None:
         self._sa.delete(f"shm://{name}")
 
-
-# Names the benchmark itself makes in /dev/shm (SharedArray's, the ceilings').
-NAME_PREFIX = "grain_shm_bench_"
 
 TRANSPORTS: Dict[str, type] = {
     t.name: t for t in (Pickle, Stdlib, GrainShm, GrainShmAsync, Grain, SharedArrayTransport)
