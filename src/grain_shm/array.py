@@ -89,22 +89,13 @@ class SharedMemoryArray(np.ndarray):
     @classmethod
     def from_metadata(cls, metadata: SharedMemoryArrayMetadata) -> SharedMemoryArray:
         """Map the array `metadata` describes; the result does not own the name."""
-        dtype = _check_dtype(metadata.dtype)
-        shape, nbytes = _shm.layout(metadata.shape, dtype.itemsize)
-        strides = getattr(metadata, "strides", None)
-        offset = operator.index(getattr(metadata, "offset", 0))
-        if strides is None:
-            needed = offset + nbytes
-        else:
-            strides = tuple(operator.index(s) for s in strides)
-            if len(strides) != len(shape):
-                raise ValueError(f"strides {strides} do not match shape {shape}")
-            needed = _extent(shape, strides, dtype.itemsize, offset)
-        if offset < 0:
-            raise ValueError(f"negative offset: {offset}")
-        segment = _shm.open(metadata.name, needed)
-        return np.ndarray.__new__(
-            cls, shape, dtype, buffer=segment, offset=offset, strides=strides
+        return _map(
+            cls,
+            metadata.name,
+            metadata.shape,
+            metadata.dtype,
+            getattr(metadata, "strides", None),  # Grain's metadata has neither
+            getattr(metadata, "offset", 0),
         )
 
     @property
@@ -168,10 +159,14 @@ class SharedMemoryArray(np.ndarray):
         _shm.stop_async_release()
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        metadata = _metadata_of(self)
-        if metadata is None:  # a private copy: send the bytes
+        reference = _reference(self)
+        if reference is None:  # a private copy: send the bytes
             return self.view(np.ndarray).__reduce_ex__(protocol)
-        return _rebuild, (metadata,)
+        name, shape, dtype, strides, offset = reference
+        # A flat tuple and, for plain dtypes, the dtype's string: a metadata
+        # object and a pickled np.dtype cost more than the mapping itself.
+        simple = dtype.names is None and dtype.subdtype is None and dtype.metadata is None
+        return _rebuild, (name, shape, dtype.str if simple else dtype, strides, offset)
 
     def __array_wrap__(self, arr, context=None, return_scalar=False):
         # As numpy.memmap: results of ufuncs and reductions are not shared memory.
@@ -190,16 +185,40 @@ class SharedMemoryArray(np.ndarray):
         return result
 
 
-def _metadata_of(arr: np.ndarray) -> Optional[SharedMemoryArrayMetadata]:
-    """The reference to `arr`'s elements if they are in a segment, else None."""
+def _reference(arr: np.ndarray) -> Optional[Tuple[str, Tuple[int, ...], np.dtype, Optional[Tuple[int, ...]], int]]:
+    """(name, shape, dtype, strides, offset) of `arr`'s elements if they are
+    in a segment, else None. strides is None for C order."""
     segment = _shm.segment_of(arr)
     if segment is None:
         return None
     strides = None if arr.flags.c_contiguous else arr.strides
-    return SharedMemoryArrayMetadata(
-        segment.name, arr.shape, arr.dtype, strides, _shm.data_offset(arr, segment)
-    )
+    return segment.name, arr.shape, arr.dtype, strides, _shm.data_offset(arr, segment)
 
 
-def _rebuild(metadata: SharedMemoryArrayMetadata) -> SharedMemoryArray:
-    return SharedMemoryArray.from_metadata(metadata)
+def _metadata_of(arr: np.ndarray) -> Optional[SharedMemoryArrayMetadata]:
+    """The metadata of `arr`'s elements if they are in a segment, else None."""
+    reference = _reference(arr)
+    return None if reference is None else SharedMemoryArrayMetadata(*reference)
+
+
+def _map(cls, name, shape, dtype, strides, offset) -> SharedMemoryArray:
+    """Map the elements a reference describes; checks it against the segment."""
+    dtype = _check_dtype(dtype)
+    shape, nbytes = _shm.layout(shape, dtype.itemsize)
+    offset = operator.index(offset)
+    if offset < 0:
+        raise ValueError(f"negative offset: {offset}")
+    if strides is None:
+        needed = offset + nbytes
+    else:
+        strides = tuple(operator.index(s) for s in strides)
+        if len(strides) != len(shape):
+            raise ValueError(f"strides {strides} do not match shape {shape}")
+        needed = _extent(shape, strides, dtype.itemsize, offset)
+    segment = _shm.open(name, needed)
+    return np.ndarray.__new__(cls, shape, dtype, buffer=segment, offset=offset, strides=strides)
+
+
+def _rebuild(name, shape, dtype, strides, offset) -> SharedMemoryArray:
+    """Unpickle: map the sender's elements, without taking ownership."""
+    return _map(SharedMemoryArray, name, shape, dtype, strides, offset)

@@ -1,0 +1,157 @@
+"""`python -m grain_shm bench`: grain_shm against pickle and the stdlib, in one run.
+
+Plans the cells (section x transport x size), runs each in fresh spawned
+processes, checks /dev/shm for leaks, prints the tables and writes the JSON
+and the plot. Exit status 0 only if every cell that ran passed its checks
+and nothing leaked; 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import sys
+from typing import List, Optional, Sequence
+
+from grain_shm.bench import ceilings, leaks, machine, micro, plot, report, runner, transfer
+from grain_shm.bench.payload import check_size
+from grain_shm.bench.runner import Cell
+from grain_shm.bench.transports import TRANSPORTS
+
+SECTIONS = {
+    "ceilings": ceilings.SECTION,
+    "transfer": transfer.SECTION,
+    "cfd": micro.CREATE_FILL_DESTROY,
+    "release": micro.RELEASE,
+}
+
+KiB, MiB = 1 << 10, 1 << 20
+TRANSFER_SIZES = (4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 128 * MiB)
+MICRO_SIZES = (64, 4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB)
+
+# (seconds, minimum count): per transfer cell, per size in the other sections.
+# The default run takes a few minutes; --quick takes well under one (it is
+# dominated by starting two interpreters per transfer cell).
+BUDGETS = {
+    "full": {"transfer": (2.5, 10), "cfd": (0.3, 20), "release": (0.3, 20), "ceilings": (0.2, 10)},
+    "quick": {"transfer": (0.05, 3), "cfd": (0.005, 3), "release": (0.005, 3), "ceilings": (0.005, 3)},
+}
+
+_UNITS = {"": 1, "B": 1, "K": KiB, "KB": KiB, "KIB": KiB, "M": MiB, "MB": MiB, "MIB": MiB,
+          "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 64, 4K, 1MiB)")
+    try:
+        return check_size(int(match.group(1)) * _UNITS[match.group(2).upper()])
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _choices(allowed: Sequence[str]):
+    def parse(text: str) -> List[str]:
+        chosen = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in chosen if item not in allowed]
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(unknown) or '(empty)'}; choose from {','.join(allowed)}"
+            )
+        return [item for item in allowed if item in chosen]  # canonical order
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m grain_shm bench",
+        description="Move NumPy arrays between processes with grain_shm, pickle, the "
+        "stdlib shared_memory path (and Grain, SharedArray if installed); compare.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="every section with tiny budgets: a smoke test (CI), under a minute")
+    parser.add_argument("--sizes", type=lambda t: sorted({parse_size(s) for s in t.split(",")}),
+                        help="array sizes for every section, e.g. 4K,1M,128M "
+                        "(default: transfer 4K..128M, the others 64..16M)")
+    parser.add_argument("--transports", type=_choices(list(TRANSPORTS)), default=list(TRANSPORTS),
+                        help=f"comma-separated, from {','.join(TRANSPORTS)}")
+    parser.add_argument("--sections", type=_choices(list(SECTIONS)), default=list(SECTIONS),
+                        help=f"comma-separated, from {','.join(SECTIONS)}")
+    parser.add_argument("--json", metavar="PATH", help="write every figure, machine and versions")
+    parser.add_argument("--plot", metavar="PATH.png", help="throughput vs size (needs matplotlib)")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
+    return parser
+
+
+def plan(args) -> List[Cell]:
+    budgets = BUDGETS["quick" if args.quick else "full"]
+    transfer_sizes = tuple(args.sizes or TRANSFER_SIZES)
+    micro_sizes = tuple(args.sizes or MICRO_SIZES)
+    cells = []
+    for section in args.sections:
+        budget, least = budgets[section]
+        if section == "ceilings":
+            sizes = tuple(sorted(set(transfer_sizes) | set(micro_sizes)))
+            cells.append(Cell(section, None, sizes, budget, least))
+        elif section == "transfer":  # sizes outside, so drift hits every transport alike
+            cells += [Cell(section, t, (size,), budget, least)
+                      for size in transfer_sizes for t in args.transports]
+        else:
+            cells += [Cell(section, t, micro_sizes, budget, least) for t in args.transports]
+    return cells
+
+
+def _output_problem(args) -> Optional[str]:
+    for path in filter(None, (args.json, args.plot)):
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            return f"cannot write {path}: no directory {folder}"
+    return plot.problem(args.sections) if args.plot else None
+
+
+def main(argv: Sequence[str]) -> int:
+    """argv[0] is "bench" (as `python -m grain_shm` passes it)."""
+    try:
+        args = _parser().parse_args(list(argv)[1:])
+    except SystemExit as exit_:
+        return exit_.code
+    problem = _output_problem(args)
+    if problem:  # found now, not after minutes of measuring
+        print(f"python -m grain_shm bench: {problem}", file=sys.stderr)
+        return 2
+    started = datetime.datetime.now(datetime.timezone.utc)
+    doc = {
+        "schema": 1,
+        "argv": ["python", "-m", "grain_shm", *argv],
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine.info(),
+        "versions": machine.versions(),
+    }
+    cells = plan(args)
+    doc["config"] = {
+        "quick": args.quick,
+        "sections": args.sections,
+        "transports": args.transports,
+        "transfer_sizes": sorted({c.sizes[0] for c in cells if c.section == "transfer"}),
+        "micro_sizes": list(args.sizes or MICRO_SIZES),
+        "budgets": BUDGETS["quick" if args.quick else "full"],
+        "transfer_queue_depth": transfer.QUEUE_DEPTH,
+    }
+    watch = leaks.Watch()
+    doc["cells"] = runner.run(cells, SECTIONS, watch)
+    doc["leak_check"] = watch.result()
+    doc["elapsed_s"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
+    doc["ok"] = doc["leak_check"]["ok"] and all(c["status"] != "error" for c in doc["cells"])
+    sys.stdout.write(report.render(doc, markdown=args.markdown))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(doc, out, indent=1)
+            out.write("\n")
+    if args.plot:
+        plot.save(doc, args.plot)
+    return 0 if doc["ok"] else 1

@@ -1,0 +1,72 @@
+"""Where and with what a run was measured: figures mean nothing without it."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+def _shm_bytes() -> int:
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return st.f_blocks * st.f_frsize
+
+
+def info() -> dict:
+    return {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_bytes": _memory_bytes(),
+        "dev_shm_bytes": _shm_bytes(),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def versions() -> dict:
+    found = {"python": sys.version.split()[0]}
+    for package in ("grain_shm", "numpy", "grain", "SharedArray", "matplotlib"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    if found["grain_shm"] is None:  # run from a source tree, not installed
+        import grain_shm
+
+        found["grain_shm"] = grain_shm.__version__
+    return found
+
+
+def headline(machine: dict, versions: dict, started: str) -> str:
+    """One line naming the machine and the date, for the top of a report."""
+    return (
+        f"{started[:16].replace('T', ' ')} UTC · {machine['cpu']} "
+        f"({machine['cpus_usable'] or machine['cpus']} CPUs) · {machine['platform']} · "
+        f"Python {versions['python']} · numpy {versions['numpy']} · "
+        f"grain_shm {versions['grain_shm']} · load average at start "
+        f"{machine['load_average_at_start'][0]:.2f}"
+    )

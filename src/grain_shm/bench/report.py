@@ -1,0 +1,232 @@
+"""The tables at the end of a run, as plain text or markdown, from the run's record.
+
+Everything here reads the same dict `--json` writes, so a table is never
+computed from anything the JSON does not hold. grain_shm figures are also
+shown against the stdlib path, against pickle, and as a fraction of the
+machine ceiling that bounds them.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+from grain_shm.bench import machine
+from grain_shm.bench.runner import format_size
+
+GRAIN_SHM = ("grain_shm", "grain_shm-async")
+
+
+def _num(x: float) -> str:
+    if x >= 1000:
+        return f"{x:,.0f}"
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def _ratio(x: float) -> str:
+    """Two decimals, or two significant digits for ratios far below 1."""
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
+
+
+def _status(record: Optional[dict]) -> str:
+    if record is None:
+        return "-"
+    return "skipped" if record["status"] == "skipped" else "FAILED"
+
+
+def index(doc: dict):
+    """The run's cells by what looks them up: transfer by (transport, size),
+    cfd/release by (section, transport), ceiling rows by size."""
+    transfer, micro, ceilings = {}, {}, {}
+    for record in doc["cells"]:
+        if record["section"] == "transfer":
+            transfer[record["transport"], record["sizes"][0]] = record
+        elif record["section"] == "ceilings":
+            if record["status"] == "ok":
+                ceilings = {row["size"]: row for row in record["result"]["sizes"]}
+        else:
+            micro[record["section"], record["transport"]] = record
+    return transfer, micro, ceilings
+
+
+def _transfer_gbps(transfer, transport, size) -> Optional[float]:
+    record = transfer.get((transport, size))
+    if record is None or record["status"] != "ok":
+        return None
+    return record["result"]["gbps"]["median"]
+
+
+def transfer_bound(ceilings, size) -> Optional[float]:
+    """The fresh-segment pipeline can go no faster than its slower end."""
+    row = ceilings.get(size)
+    if row is None:
+        return None
+    return min(row["first_touch_fill"]["gbps"], row["fresh_read"]["gbps"])
+
+
+def transfer_table(doc: dict):
+    transfer, _, ceilings = index(doc)
+    headers = ["size", "transport", "GB/s", "p10-p90", "arrays/s", "producer CPU µs",
+               "consumer CPU µs", "× pickle", "× stdlib", "of ceiling"]
+    rows = []
+    for size in doc["config"]["transfer_sizes"]:
+        for transport in doc["config"]["transports"]:
+            record = transfer.get((transport, size))
+            if record is None or record["status"] != "ok":
+                rows.append([format_size(size), transport, _status(record)] + [""] * 7)
+                continue
+            result = record["result"]
+            gbps = result["gbps"]["median"]
+            pickle = _transfer_gbps(transfer, "pickle", size)
+            stdlib = _transfer_gbps(transfer, "stdlib", size)
+            bound = transfer_bound(ceilings, size)
+            rows.append([
+                format_size(size),
+                transport,
+                _num(gbps),
+                f"{_num(result['gbps']['p10'])}-{_num(result['gbps']['p90'])}",
+                f"{result['arrays_per_s']['median']:,.0f}",
+                _num(result["producer_cpu_us"]),
+                _num(result["consumer_cpu_us"]),
+                _ratio(gbps / pickle) if pickle else "",
+                _ratio(gbps / stdlib) if stdlib else "",
+                f"{gbps / bound:.0%}" if bound and transport in GRAIN_SHM else "",
+            ])
+    return headers, rows
+
+
+def micro_table(doc: dict, section: str):
+    _, micro, ceilings = index(doc)
+    chosen = doc["config"]["transports"]
+    medians: Dict[str, Dict[int, float]] = {}
+    for transport in chosen:
+        record = micro.get((section, transport))
+        if record is not None and record["status"] == "ok":
+            medians[transport] = {
+                row["size"]: row["us"]["median"] for row in record["result"]["sizes"]
+            }
+    ours = [t for t in GRAIN_SHM if t in medians]
+    headers = ["size", *chosen] + [f"{t} ÷ stdlib" for t in ours if "stdlib" in medians]
+    with_ceiling = section == "cfd" and ceilings
+    if with_ceiling:
+        headers += [f"{t} of ceiling" for t in ours]
+    rows = []
+    for size in doc["config"]["micro_sizes"]:
+        row = [format_size(size)]
+        for transport in chosen:
+            if transport in medians:
+                row.append(_num(medians[transport][size]))
+            else:
+                row.append(_status(micro.get((section, transport))))
+        if "stdlib" in medians:
+            row += [_ratio(medians[t][size] / medians["stdlib"][size]) for t in ours]
+        if with_ceiling:
+            fill = ceilings.get(size, {}).get("first_touch_fill")
+            row += [f"{fill['us']['median'] / medians[t][size]:.0%}" if fill else "" for t in ours]
+        rows.append(row)
+    return headers, rows
+
+
+def ceilings_table(doc: dict):
+    _, _, ceilings = index(doc)
+    headers = ["size", "memcpy GB/s", "first-touch fill GB/s", "fresh-mapping read GB/s",
+               "first-touch fill µs", "fill by"]
+    rows = [
+        [
+            format_size(size),
+            _num(row["memcpy"]["gbps"]),
+            _num(row["first_touch_fill"]["gbps"]),
+            _num(row["fresh_read"]["gbps"]),
+            _num(row["first_touch_fill"]["us"]["median"]),
+            row["first_touch_fill"]["method"].replace("_fill", ""),
+        ]
+        for size, row in sorted(ceilings.items())
+    ]
+    return headers, rows
+
+
+_TITLES = {
+    "ceilings": "Ceilings of this machine (one thread, no transport; medians)",
+    "transfer": (
+        "Transfer: producer process -> multiprocessing.Queue ({depth} deep) -> consumer "
+        "process, which reads and checks every byte. Medians of timed segments; "
+        "× = GB/s ratio; of ceiling = share of the slower of first-touch fill and "
+        "fresh-mapping read"
+    ),
+    "cfd": (
+        "create+fill+destroy in one process, µs per array (median). pickle = a "
+        "private np.empty array (malloc recycles its pages); ÷ stdlib = time "
+        "ratio, lower is better; of ceiling = first-touch fill time / this time"
+    ),
+    "release": (
+        "release on the caller: dropping a received array this process owns, "
+        "after reading it, µs (median)"
+    ),
+}
+
+
+def _tables(doc: dict) -> List[Tuple[str, list, list]]:
+    built = []
+    for section in doc["config"]["sections"]:
+        if section == "transfer":
+            headers, rows = transfer_table(doc)
+        elif section == "ceilings":
+            headers, rows = ceilings_table(doc)
+        else:
+            headers, rows = micro_table(doc, section)
+        title = _TITLES[section].format(depth=doc["config"]["transfer_queue_depth"])
+        built.append((title, headers, rows))
+    return built
+
+
+def _render(headers, rows, markdown: bool, left: int) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |",
+                 "|" + "|".join("---" if i < left else "---:" for i in range(len(headers))) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+
+    def line(cells):
+        return "  ".join(
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _notes(doc: dict) -> List[str]:
+    notes = []
+    seen = set()
+    for record in doc["cells"]:
+        if record["status"] == "skipped":
+            key = (record["transport"], record["reason"])
+            if key not in seen:
+                seen.add(key)
+                notes.append(f"{record['transport']} skipped: {record['reason']}")
+        elif record["status"] == "error":
+            first = record["error"].strip().splitlines()[-1]
+            sizes = ",".join(format_size(n) for n in record["sizes"])
+            notes.append(f"FAILED {record['section']} {record['transport'] or ''} {sizes}: {first}")
+    leak = doc["leak_check"]
+    if leak["ok"]:
+        notes.append(f"Leak check: {leak['dir']} holds nothing new.")
+    else:
+        for entry in leak["leaked"]:
+            notes.append(f"LEAK: {leak['dir']}/{entry['name']} (first seen after {entry['after_cell']})")
+    return notes
+
+
+def render(doc: dict, markdown: bool = False) -> str:
+    """Every table of the run, then skips, failures and the leak verdict."""
+    parts = [machine.headline(doc["machine"], doc["versions"], doc["started"])]
+    for title, headers, rows in _tables(doc):
+        left = 2 if headers[1] == "transport" else 1
+        heading = f"**{title}**" if markdown else title
+        parts.append(f"{heading}\n\n{_render(headers, rows, markdown, left)}")
+    bullet = "- " if markdown else ""
+    parts.append("\n".join(bullet + note for note in _notes(doc)))
+    return "\n\n".join(parts) + "\n"

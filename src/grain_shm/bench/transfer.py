@@ -1,0 +1,162 @@
+"""The transfer section: arrays from a producer process to a consumer process.
+
+The producer creates and fills fresh arrays and puts them on a bounded
+`multiprocessing.Queue` (a prefetch buffer of QUEUE_DEPTH arrays); the
+consumer gets each one, reads every byte, checks it, and releases it. Both
+are fresh spawned processes. Throughput is taken from the consumer's
+completion times (the end of the pipeline) in steady state; CPU time per
+array from `time.process_time()` in each process, which counts all its
+threads (the queue's feeder thread pickles, deleter threads release).
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import time
+
+import numpy as np
+
+from grain_shm.bench import payload, stats, transports
+from grain_shm.bench.runner import Aborted, Cell, Section
+
+QUEUE_DEPTH = 4
+WARMUP = 2  # arrays at least, 10% at most, before the clock starts
+SEGMENTS = 20  # timed segments per cell, for the median and p10/p90
+MAX_ARRAYS = 1_000_000
+POLL = 0.1  # seconds between looks at the abort event while blocked
+ABORT_CHECK_EVERY = 64  # arrays between looks at it while not blocked
+
+
+def _get(q, abort):
+    while True:
+        try:
+            return q.get(timeout=POLL)
+        except queue.Empty:
+            if abort.is_set():
+                raise Aborted from None
+
+
+def _put(q, item, abort) -> None:
+    while True:
+        try:
+            return q.put(item, timeout=POLL)
+        except queue.Full:
+            if abort.is_set():
+                raise Aborted from None
+
+
+def _wait(event, abort) -> None:
+    while not event.wait(POLL):
+        if abort.is_set():
+            raise Aborted
+
+
+def produce(cell: Cell, abort, q, ready, done) -> dict:
+    """Fill and send arrays for the cell's budget (and at least its minimum)."""
+    nbytes = cell.sizes[0]
+    transport = transports.get(cell.transport)
+    pattern = payload.source(nbytes)
+    # Names sent but perhaps not yet removed by the consumer: on failure
+    # they are unlinked here, so an error leaves /dev/shm as it was.
+    in_flight = collections.deque(maxlen=QUEUE_DEPTH + 64)
+    count = 0
+    try:
+        _wait(ready, abort)
+        cpu = time.process_time()
+        start = time.perf_counter()
+        least = cell.min_count + WARMUP
+        while count < least or (
+            count < MAX_ARRAYS and time.perf_counter() - start < cell.budget
+        ):
+            if count % ABORT_CHECK_EVERY == 0 and abort.is_set():
+                raise Aborted
+            held = transport.create(nbytes, owner=False)
+            payload.fill(held.array, pattern, count)
+            in_flight.append(held.name)
+            _put(q, transport.message(held), abort)
+            transport.release(held)
+            count += 1
+        _put(q, None, abort)
+        _wait(done, abort)  # everything pickled, sent and consumed
+        cpu = time.process_time() - cpu
+        wall = time.perf_counter() - start
+    except BaseException:
+        q.cancel_join_thread()
+        for name in in_flight:
+            try:
+                transport.unlink(name)
+            except OSError:  # already released by the consumer
+                pass
+        raise
+    return {"arrays": count, "cpu_s": cpu, "wall_s": wall}
+
+
+def consume(cell: Cell, abort, q, ready, done) -> dict:
+    """Get, read, verify and release arrays until the producer's end mark."""
+    nbytes = cell.sizes[0]
+    transport = transports.get(cell.transport)
+    pattern_sum = payload.checksum(payload.source(nbytes))
+    finished = []
+    held = None
+    ready.set()
+    cpu = time.process_time()
+    try:
+        while True:
+            message = _get(q, abort)
+            if message is None:
+                break
+            held = transport.open(message)
+            del message
+            got = payload.checksum(held.array)
+            transport.release(held)
+            held = None
+            want = payload.expected(pattern_sum, len(finished))
+            if got != want:
+                raise ValueError(
+                    f"array {len(finished)} of {nbytes} bytes: checksum {got:#x}, "
+                    f"expected {want:#x}: the bytes received are not the bytes sent"
+                )
+            finished.append(time.perf_counter())
+    finally:
+        if held is not None:
+            transport.release(held)
+    cpu = time.process_time() - cpu
+    done.set()
+    rates, timed = stats.segment_rates(
+        finished, max(WARMUP, len(finished) // 10), SEGMENTS
+    )
+    return {"arrays": len(finished), "timed": timed, "rates": rates.tolist(), "cpu_s": cpu}
+
+
+def processes(cell: Cell, ctx):
+    q = ctx.Queue(maxsize=QUEUE_DEPTH)
+    ready, done = ctx.Event(), ctx.Event()
+    return [
+        ("producer", produce, (q, ready, done)),
+        ("consumer", consume, (q, ready, done)),
+    ]
+
+
+def summarize(cell: Cell, outputs) -> dict:
+    producer, consumer = outputs["producer"], outputs["consumer"]
+    nbytes = cell.sizes[0]
+    rates = np.asarray(consumer["rates"])
+    return {
+        "size": nbytes,
+        "arrays": consumer["arrays"],
+        "timed_arrays": consumer["timed"],
+        "gbps": stats.summary(rates * nbytes / 1e9),
+        "arrays_per_s": stats.summary(rates),
+        "segment_arrays_per_s": consumer["rates"],
+        "producer_cpu_us": producer["cpu_s"] / producer["arrays"] * 1e6,
+        "consumer_cpu_us": consumer["cpu_s"] / consumer["arrays"] * 1e6,
+        "producer_wall_s": producer["wall_s"],
+    }
+
+
+SECTION = Section(
+    name="transfer",
+    processes=processes,
+    summarize=summarize,
+)

@@ -1,0 +1,246 @@
+"""The transports under comparison, each reduced to the same few moves.
+
+Every section times the same sequence for every transport, so the figures
+differ only by what the transport does:
+
+- `create(nbytes, owner)`: a fresh uint8 array this process will fill;
+  `owner=True` makes this holder the one that removes it.
+- `message(held)`: what goes on a `multiprocessing.Queue` (pickled by it).
+- `open(message)`: the receiving side's array, owned (it removes it).
+- `release(held)`: what a holder does to let go: drop the array, close,
+  and unlink if it owns the name.
+- `unlink(name)`: error clean-up for names sent but maybe never opened.
+
+Each transport is used the way its documentation shows. Imports happen in
+`prepare()`, inside the cell's own process, so a missing optional package
+(or an unimplemented feature) skips that transport's cells with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import logging
+import os
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+# Names the benchmark itself makes in /dev/shm (SharedArray's, the ceilings').
+NAME_PREFIX = "grain_shm_bench_"
+
+
+class Unavailable(Exception):
+    """This transport cannot run here; its cells are skipped with this reason."""
+
+
+class Held:
+    """One holder's grip on one array: the array, its name, what release needs."""
+
+    __slots__ = ("array", "name", "handle", "owner")
+
+    def __init__(self, array, name=None, handle=None, owner=False):
+        self.array = array
+        self.name = name
+        self.handle = handle
+        self.owner = owner
+
+
+class Pickle:
+    """The baseline: the ndarray itself goes through the queue, bytes and all."""
+
+    name = "pickle"
+    requires: Optional[str] = None
+
+    def prepare(self) -> None:
+        pass
+
+    def create(self, nbytes: int, owner: bool) -> Held:
+        return Held(np.empty(nbytes, np.uint8))
+
+    def message(self, held: Held) -> Any:
+        return held.array
+
+    def open(self, message: Any) -> Held:
+        return Held(message)
+
+    def release(self, held: Held) -> None:
+        held.array = None
+
+    def unlink(self, name: str) -> None:
+        pass
+
+
+class Stdlib:
+    """`multiprocessing.shared_memory`: send the name, the receiver maps it.
+
+    The receiver opens, reads, closes, and unlinks once (it is the owner)."""
+
+    name = "stdlib"
+    requires: Optional[str] = None
+
+    def prepare(self) -> None:
+        from multiprocessing import shared_memory
+
+        self._shm = shared_memory
+
+    def create(self, nbytes: int, owner: bool) -> Held:
+        shm = self._shm.SharedMemory(create=True, size=nbytes)
+        array = np.ndarray(nbytes, np.uint8, buffer=shm.buf)
+        return Held(array, shm.name, shm, owner)
+
+    def message(self, held: Held) -> Any:
+        return held.name, held.array.nbytes
+
+    def open(self, message: Any) -> Held:
+        name, nbytes = message
+        shm = self._shm.SharedMemory(name=name)
+        return Held(np.ndarray(nbytes, np.uint8, buffer=shm.buf), name, shm, True)
+
+    def release(self, held: Held) -> None:
+        held.array = None  # the ndarray exports shm.buf: it must go before close()
+        held.handle.close()
+        if held.owner:
+            held.handle.unlink()
+
+    def unlink(self, name: str) -> None:
+        shm = self._shm.SharedMemory(name=name)
+        shm.close()
+        shm.unlink()
+
+
+class GrainShm:
+    """grain_shm: the array pickles as a reference; the receiver owns it."""
+
+    name = "grain_shm"
+    requires: Optional[str] = None
+
+    def prepare(self) -> None:
+        import grain_shm
+
+        self._module = grain_shm
+
+    def create(self, nbytes: int, owner: bool) -> Held:
+        array = self._module.SharedMemoryArray((nbytes,), np.uint8)
+        if owner:
+            array.unlink_on_del()
+        return Held(array, array.metadata.name)
+
+    def message(self, held: Held) -> Any:
+        return held.array
+
+    def open(self, message: Any) -> Held:
+        message.unlink_on_del()
+        return Held(message)
+
+    def release(self, held: Held) -> None:
+        held.array = None
+
+    def unlink(self, name: str) -> None:
+        self._module.SharedMemoryArrayMetadata(name, (0,), np.uint8).close_and_unlink_shm()
+
+
+class GrainShmAsync(GrainShm):
+    """grain_shm with releases handed to its C deleter threads."""
+
+    name = "grain_shm-async"
+
+    def prepare(self) -> None:
+        super().prepare()
+        try:
+            self._module.SharedMemoryArray.enable_async_del(
+                num_threads=1, max_outstanding_requests=50
+            )
+        except NotImplementedError as error:
+            raise Unavailable(
+                f"SharedMemoryArray.enable_async_del() raised NotImplementedError: {error}"
+            ) from None
+
+
+class Grain:
+    """Grain's own `grain.multiprocessing.SharedMemoryArray` (stdlib underneath)."""
+
+    name = "grain"
+    requires: Optional[str] = "grain"
+
+    def prepare(self) -> None:
+        # Grain's import logs a warning when jax (not needed here) is missing.
+        logging.getLogger("absl").setLevel(logging.ERROR)
+        from grain.multiprocessing import SharedMemoryArray
+
+        self._array_type = SharedMemoryArray
+        from multiprocessing import shared_memory
+
+        self._shm = shared_memory
+
+    def create(self, nbytes: int, owner: bool) -> Held:
+        array = self._array_type((nbytes,), np.uint8)
+        if owner:
+            array.unlink_on_del()
+        return Held(array, array.shm.name)
+
+    def message(self, held: Held) -> Any:
+        return held.array
+
+    def open(self, message: Any) -> Held:
+        message.unlink_on_del()
+        return Held(message)
+
+    def release(self, held: Held) -> None:
+        held.array = None
+
+    def unlink(self, name: str) -> None:
+        shm = self._shm.SharedMemory(name=name)
+        shm.close()
+        shm.unlink()
+
+
+class SharedArrayTransport:
+    """The SharedArray package: named arrays under /dev/shm, attached by name."""
+
+    name = "SharedArray"
+    requires: Optional[str] = "SharedArray"
+
+    def prepare(self) -> None:
+        import SharedArray
+
+        self._sa = SharedArray
+        self._names = (f"{NAME_PREFIX}sa{os.getpid()}_{n}" for n in itertools.count())
+
+    def create(self, nbytes: int, owner: bool) -> Held:
+        name = next(self._names)
+        return Held(self._sa.create(f"shm://{name}", nbytes, np.uint8), name, None, owner)
+
+    def message(self, held: Held) -> Any:
+        return held.name
+
+    def open(self, message: Any) -> Held:
+        return Held(self._sa.attach(f"shm://{message}"), message, None, True)
+
+    def release(self, held: Held) -> None:
+        held.array = None
+        if held.owner:
+            self._sa.delete(f"shm://{held.name}")
+
+    def unlink(self, name: str) -> None:
+        self._sa.delete(f"shm://{name}")
+
+
+TRANSPORTS: Dict[str, type] = {
+    t.name: t for t in (Pickle, Stdlib, GrainShm, GrainShmAsync, Grain, SharedArrayTransport)
+}
+
+
+def missing(name: str) -> Optional[str]:
+    """Why transport `name` cannot be imported here, or None (checked without importing)."""
+    module = TRANSPORTS[name].requires
+    if module is None or importlib.util.find_spec(module) is not None:
+        return None
+    return f"{module} is not installed (pip install 'grain_shm[compare]')"
+
+
+def get(name: str):
+    """A prepared transport, in the process that will use it."""
+    transport = TRANSPORTS[name]()
+    transport.prepare()
+    return transport
