@@ -24,7 +24,6 @@ What is checked, per pipeline:
 
 import json
 import os
-import re
 
 import pytest
 
@@ -47,23 +46,6 @@ if __name__ == "__main__":
 GRAIN_SHM_ARRAY = "grain_shm.array.SharedMemoryArray"
 GRAIN_ARRAY = "grain._src.python.ipc.shared_memory_array.SharedMemoryArray"
 NUM_RECORDS, NUM_WORKERS = 22, 2  # as in dropin/pipelines.py
-
-
-class AsyncDelMissing(Exception):
-    """grain_shm's enable_async_del is not implemented yet (issue 4)."""
-
-
-ASYNC_DEL_GAP = re.compile(r", in enable_async_del\n.*\n(NotImplementedError.*)")
-ASYNC_DEL_XFAIL = pytest.mark.xfail(
-    raises=AsyncDelMissing,
-    strict=True,
-    reason=(
-        "Grain's ProcessPrefetchDatasetIterator.start_prefetch calls "
-        "SharedMemoryArray.enable_async_del(1) in the consumer, and grain_shm's "
-        "raises NotImplementedError until issue 4 lands; then this XPASSes: "
-        "remove this mark and the 'stand-in' variant"
-    ),
-)
 
 
 def _pythonpath(*dirs):
@@ -119,30 +101,20 @@ def grain_reference(tmp_path_factory):
     return report["runs"]
 
 
-def _run_with_grain_shm(name, out, stand_in_async_del):
+def _run_with_grain_shm(name, out):
     """Run pipeline `name` with grain_shm in place; return the child's report."""
-    args = [str(out), name] + (["--stand-in-async-del"] if stand_in_async_del else [])
+    args = [str(out), name]
     # The child inherits this process's grain_shm session (GRAIN_SHM_SESSION),
     # so its segments are named as this test run's, apart from any other
     # process sharing /dev/shm.
     env = {"PYTHONPATH": _pythonpath(os.path.join(DROPIN, "site"), DROPIN)}
-    try:
-        proc = run_python(DRIVER, env=env, args=args, timeout=90)
-    except pytest.fail.Exception as failure:
-        gap = ASYNC_DEL_GAP.search(str(failure))
-        if gap:
-            raise AsyncDelMissing(gap.group(1)) from None
-        raise
+    proc = run_python(DRIVER, env=env, args=args, timeout=90)
     return json.loads(out.read_text()), proc.stderr
 
 
-@pytest.mark.parametrize(
-    "stand_in_async_del",
-    [pytest.param(False, id="grain_shm")],
-)
 @pytest.mark.parametrize("name", PIPELINES)
-def test_grain_pipeline_runs_on_grain_shm(name, stand_in_async_del, grain_reference, tmp_path):
-    report, stderr = _run_with_grain_shm(name, tmp_path / "report.json", stand_in_async_del)
+def test_grain_pipeline_runs_on_grain_shm(name, grain_reference, tmp_path):
+    report, stderr = _run_with_grain_shm(name, tmp_path / "report.json")
     assert report["patched"], "grain_shm's names were not in Grain's module"
     run = report["runs"][name]
     assert run["session"] == grain_shm.session.SESSION

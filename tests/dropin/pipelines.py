@@ -1,6 +1,6 @@
 """Grain pipelines for the drop-in proof, run in a child interpreter.
 
-`python -c "import pipelines; pipelines.main()" OUT.json NAME... [--stand-in-async-del]`
+`python -c "import pipelines; pipelines.main()" OUT.json NAME...`
 runs each named pipeline with 2 worker processes, consumes it, shuts it down,
 and writes what it saw to OUT.json: the elements as plain lists, and the facts
 the test judges (types and segment names of the arrays the consumer got,
@@ -181,15 +181,7 @@ def run(name):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    out, names = argv[0], [a for a in argv[1:] if not a.startswith("--")]
-    if "--stand-in-async-del" in argv:
-        # Stand-in for the one missing piece (issue 4) in the consumer process
-        # only, so the rest of the drop-in is proven meanwhile.
-        import grain_shm
-
-        grain_shm.SharedMemoryArray.enable_async_del = classmethod(
-            lambda cls, num_threads=1, max_outstanding_requests=50: None
-        )
+    out, names = argv[0], argv[1:]
     report = {"patched": _patched(), "consumer_pid": os.getpid()}
     report["runs"] = {name: run(name) for name in names}
     with open(out, "w") as f:
