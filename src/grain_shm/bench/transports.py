@@ -109,22 +109,17 @@ class Stdlib:
         shm.unlink()
 
 
-class GrainShm:
-    """grain_shm: the array pickles as a reference; the receiver owns it."""
+class _GrainApi:
+    """A SharedMemoryArray with Grain's API: pickles as a reference; the
+    receiver marks it with unlink_on_del()."""
 
-    name = "grain_shm"
     requires: Optional[str] = None
 
-    def prepare(self) -> None:
-        import grain_shm
-
-        self._module = grain_shm
-
     def create(self, nbytes: int, owner: bool) -> Held:
-        array = self._module.SharedMemoryArray((nbytes,), np.uint8)
+        array = self._array_type((nbytes,), np.uint8)
         if owner:
             array.unlink_on_del()
-        return Held(array, array.metadata.name)
+        return Held(array, self._name_of(array))
 
     def message(self, held: Held) -> Any:
         return held.array
@@ -135,6 +130,22 @@ class GrainShm:
 
     def release(self, held: Held) -> None:
         held.array = None
+
+
+class GrainShm(_GrainApi):
+    """grain_shm, releasing inline."""
+
+    name = "grain_shm"
+
+    def prepare(self) -> None:
+        import grain_shm
+
+        self._module = grain_shm
+        self._array_type = grain_shm.SharedMemoryArray
+
+    @staticmethod
+    def _name_of(array: Any) -> str:
+        return array.metadata.name
 
     def unlink(self, name: str) -> None:
         self._module.SharedMemoryArrayMetadata(name, (0,), np.uint8).close_and_unlink_shm()
@@ -147,17 +158,10 @@ class GrainShmAsync(GrainShm):
 
     def prepare(self) -> None:
         super().prepare()
-        try:
-            self._module.SharedMemoryArray.enable_async_del(
-                num_threads=1, max_outstanding_requests=50
-            )
-        except NotImplementedError as error:
-            raise Unavailable(
-                f"SharedMemoryArray.enable_async_del() raised NotImplementedError: {error}"
-            ) from None
+        self._array_type.enable_async_del(num_threads=1, max_outstanding_requests=50)
 
 
-class Grain:
+class Grain(_GrainApi):
     """Grain's own `grain.multiprocessing.SharedMemoryArray` (stdlib underneath)."""
 
     name = "grain"
@@ -173,21 +177,9 @@ class Grain:
 
         self._shm = shared_memory
 
-    def create(self, nbytes: int, owner: bool) -> Held:
-        array = self._array_type((nbytes,), np.uint8)
-        if owner:
-            array.unlink_on_del()
-        return Held(array, array.shm.name)
-
-    def message(self, held: Held) -> Any:
-        return held.array
-
-    def open(self, message: Any) -> Held:
-        message.unlink_on_del()
-        return Held(message)
-
-    def release(self, held: Held) -> None:
-        held.array = None
+    @staticmethod
+    def _name_of(array: Any) -> str:
+        return array.shm.name
 
     def unlink(self, name: str) -> None:
         shm = self._shm.SharedMemory(name=name)
