@@ -5,6 +5,7 @@ Each command lives in its own module; this file only dispatches.
 
 import importlib
 import sys
+from collections.abc import Sequence
 
 COMMANDS = {
     "bench": ("grain_shm.bench", "run the benchmark against pickle and the stdlib"),
@@ -14,7 +15,7 @@ COMMANDS = {
 }
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
         print("usage: python -m grain_shm {%s} [options]\n" % ",".join(COMMANDS))
@@ -22,7 +23,8 @@ def main(argv=None) -> int:
             print(f"  {name:8} {help_text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv)
+    rc: int = module.main(argv)
+    return rc
 
 
 if __name__ == "__main__":

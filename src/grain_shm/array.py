@@ -55,7 +55,9 @@ def _count(name: str, value: Any, limit: int) -> int:
     return int(value)
 
 
-def _extent(shape, strides, itemsize: int, offset: int) -> int:
+def _extent(
+    shape: Tuple[int, ...], strides: Tuple[int, ...], itemsize: int, offset: int
+) -> int:
     """Bytes of the segment the elements reach; ValueError if any lies before it."""
     if 0 in shape:
         return offset
@@ -168,7 +170,12 @@ class SharedMemoryArray(np.ndarray):
         simple = dtype.names is None and dtype.subdtype is None and dtype.metadata is None
         return _rebuild, (name, shape, dtype.str if simple else dtype, strides, offset)
 
-    def __array_wrap__(self, arr, context=None, return_scalar=False):
+    def __array_wrap__(
+        self,
+        arr: np.ndarray[Any, Any],
+        context: Optional[Tuple[np.ufunc, Tuple[Any, ...], int]] = None,
+        return_scalar: bool = False,
+    ) -> Any:
         # As numpy.memmap: results of ufuncs and reductions are not shared memory.
         arr = super().__array_wrap__(arr, context, return_scalar)
         if self is arr or type(self) is not SharedMemoryArray:
@@ -177,7 +184,7 @@ class SharedMemoryArray(np.ndarray):
             return arr[()]
         return arr.view(np.ndarray)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: Any) -> Any:
         # As numpy.memmap: fancy indexing copies, and a copy is a plain ndarray.
         result = super().__getitem__(index)
         if type(result) is SharedMemoryArray and _shm.segment_of(result) is None:

@@ -33,7 +33,7 @@ def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
             result = type(tree)(tree.default_factory)
             result.update(items)
             return result
-        return type(tree)(items)
+        return type(tree)(items)  # type: ignore[call-arg]
     return fn(tree)
 
 
