@@ -1,0 +1,55 @@
+"""What an installed grain_shm must hold: the compiled core, its type stub,
+the PEP 561 marker, metadata that matches the code, and a typed example that
+runs. CI runs these against the installed wheel from outside the source
+tree, so a file left out of the wheel fails here."""
+
+import ast
+import importlib.machinery
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+import grain_shm
+from grain_shm import _shm
+
+PACKAGE_DIR = os.path.dirname(grain_shm.__file__)
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_core_is_a_compiled_extension():
+    assert _shm.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+    assert os.path.dirname(_shm.__file__) == PACKAGE_DIR
+
+
+def test_typing_files_are_installed():
+    assert os.path.isfile(os.path.join(PACKAGE_DIR, "py.typed"))
+    assert os.path.isfile(os.path.join(PACKAGE_DIR, "_shm.pyi"))
+
+
+def test_stub_names_the_public_core():
+    """Everything the Python layer calls on the core is in the stub (mypy's
+    stubtest, in .ci/run, checks the signatures)."""
+    with open(os.path.join(PACKAGE_DIR, "_shm.pyi")) as stub:
+        tree = ast.parse(stub.read())
+    stubbed = {
+        node.name
+        for node in tree.body
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+    }
+    used = {"Segment", "create", "open", "unlink", "unlink_owned",
+            "segment_of", "data_offset", "set_name_prefix"}
+    assert used <= stubbed
+    assert all(callable(getattr(_shm, name)) for name in used)
+
+
+def test_version_matches_distribution_metadata():
+    assert importlib.metadata.version("grain_shm") == grain_shm.__version__
+
+
+def test_typed_usage_example_runs():
+    example = os.path.join(HERE, "typed_usage.py")
+    proc = subprocess.run(
+        [sys.executable, example], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
