@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Iterable, Optional, Tuple
+from typing import Any, Iterable, Optional, SupportsIndex, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -208,7 +208,14 @@ def _metadata_of(arr: np.ndarray) -> Optional[SharedMemoryArrayMetadata]:
     return None if reference is None else SharedMemoryArrayMetadata(*reference)
 
 
-def _map(cls, name, shape, dtype, strides, offset) -> SharedMemoryArray:
+def _map(
+    cls: type[SharedMemoryArray],
+    name: str,
+    shape: SupportsIndex | Iterable[SupportsIndex],
+    dtype: npt.DTypeLike,
+    strides: Optional[Iterable[SupportsIndex]],
+    offset: SupportsIndex,
+) -> SharedMemoryArray:
     """Map the elements a reference describes; checks it against the segment."""
     dtype = _check_dtype(dtype)
     shape, nbytes = _shm.layout(shape, dtype.itemsize)
@@ -226,6 +233,12 @@ def _map(cls, name, shape, dtype, strides, offset) -> SharedMemoryArray:
     return np.ndarray.__new__(cls, shape, dtype, buffer=segment, offset=offset, strides=strides)
 
 
-def _rebuild(name, shape, dtype, strides, offset) -> SharedMemoryArray:
+def _rebuild(
+    name: str,
+    shape: SupportsIndex | Iterable[SupportsIndex],
+    dtype: npt.DTypeLike,
+    strides: Optional[Iterable[SupportsIndex]],
+    offset: SupportsIndex,
+) -> SharedMemoryArray:
     """Unpickle: map the sender's elements, without taking ownership."""
     return _map(SharedMemoryArray, name, shape, dtype, strides, offset)
