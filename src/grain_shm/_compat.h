@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <stddef.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -38,6 +39,15 @@ static inline int gs_reserve(int fd, off_t size) {
     } while (rc == -1 && errno == EINTR);
     return rc == -1 ? errno : 0;
 #endif
+}
+
+/* Whether fstat's mode is that of a shared-memory segment: a regular file
+ * on Linux (tmpfs); macOS reports no file type at all for POSIX shm. */
+static inline int gs_is_segment(mode_t mode) {
+#if defined(__APPLE__)
+    if ((mode & S_IFMT) == 0) return 1;
+#endif
+    return S_ISREG(mode);
 }
 
 /* a * b into *out; nonzero when it overflows. */

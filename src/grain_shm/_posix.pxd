@@ -1,10 +1,11 @@
 # C declarations that Cython's own posix/*.pxd lack or get wrong across platforms.
-from posix.types cimport off_t
+from posix.types cimport mode_t, off_t
 
 cdef extern from "_compat.h" nogil:
     enum: MAP_POPULATE
     int gs_reserve(int fd, off_t size)
     int gs_random_bytes(unsigned char *buf, size_t n)
+    bint gs_is_segment(mode_t mode)
     bint gs_mul_overflow(Py_ssize_t a, Py_ssize_t b, Py_ssize_t *out)
 
 cdef extern from "_release.h" nogil:

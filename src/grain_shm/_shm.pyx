@@ -20,14 +20,15 @@ from libc.string cimport memcpy, strlen
 from posix.fcntl cimport O_CREAT, O_EXCL, O_RDONLY, O_RDWR
 from posix.mman cimport (MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE,
                          shm_open, shm_unlink)
-from posix.stat cimport S_ISREG, fstat, struct_stat
+from posix.stat cimport fstat, struct_stat
 from posix.types cimport off_t
 from posix.unistd cimport close
 
 from grain_shm._checkrc cimport check_rc, raise_errno
 from grain_shm._posix cimport (GS_MAX_THREADS, MAP_POPULATE, gs_deleter_enable,
                                gs_deleter_hold, gs_deleter_push, gs_deleter_stats,
-                               gs_deleter_stats_get, gs_deleter_stop, gs_mmap,
+                               gs_deleter_stats_get, gs_deleter_stop, gs_is_segment,
+                               gs_mmap,
                                gs_mul_overflow, gs_owner, gs_owner_add,
                                gs_owner_is_mine, gs_owner_take, gs_random_bytes,
                                gs_release, gs_release_init, gs_reserve,
@@ -309,9 +310,9 @@ def open(name, Py_ssize_t required):
         err = errno
         close(fd)
         raise_errno(err, os.fsdecode(path[1:]))
-    if not S_ISREG(st.st_mode) or st.st_size < required:
+    if not gs_is_segment(st.st_mode) or st.st_size < required:
         close(fd)
-        what = "not a regular file" if not S_ISREG(st.st_mode) else f"{st.st_size} bytes"
+        what = "not a regular file" if not gs_is_segment(st.st_mode) else f"{st.st_size} bytes"
         raise ValueError(
             f"shared memory {os.fsdecode(path[1:])!r} is {what}, but the "
             f"array needs {required} bytes: the metadata does not match the segment"

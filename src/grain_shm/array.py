@@ -18,6 +18,9 @@ import numpy.typing as npt
 from grain_shm import _shm, session
 
 
+_NUMPY_1 = np.lib.NumpyVersion(np.__version__) < "2.0.0"
+
+
 @dataclasses.dataclass(slots=True, frozen=True)
 class SharedMemoryArrayMetadata:
     """What a process needs to map an array another process put in shared memory.
@@ -177,7 +180,11 @@ class SharedMemoryArray(np.ndarray):
         return_scalar: bool = False,
     ) -> Any:
         # As numpy.memmap: results of ufuncs and reductions are not shared memory.
-        arr = super().__array_wrap__(arr, context, return_scalar)
+        if _NUMPY_1:  # no return_scalar: a 0-d result stands for a scalar
+            arr = super().__array_wrap__(arr, context)
+            return_scalar = arr.shape == ()
+        else:
+            arr = super().__array_wrap__(arr, context, return_scalar)
         if self is arr or type(self) is not SharedMemoryArray:
             return arr
         if return_scalar:
