@@ -139,7 +139,7 @@ def reaper_running(session: str) -> bool:
 def sweep(session: str, shm_dir: str = SHM_DIR) -> list[tuple[str, int]]:
     """Unlink every segment of `session`; (name, size) of each one removed."""
     prefix = f"gs{session}_"
-    removed = []
+    removed: list[tuple[str, int]] = []
     try:
         names = os.listdir(shm_dir)
     except OSError:

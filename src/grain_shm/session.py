@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 
 from grain_shm import _shm, reaper
 
@@ -73,7 +74,7 @@ _shm.set_name_prefix(SESSION_PREFIX)
 # Checked by SharedMemoryArray.__new__ before every creation; a forked child
 # inherits True, which is right: it belongs to the same session.
 reaper_started = False
-_reaper_process = None  # kept so it is neither collected nor warned about
+_reaper_process: subprocess.Popen[bytes] | None = None  # kept so it is neither collected nor warned about
 _reaper_lock = threading.Lock()
 
 
@@ -125,7 +126,7 @@ _persistent_depth = 0
 
 
 @contextlib.contextmanager
-def persistent():
+def persistent() -> Iterator[None]:
     """Segments created inside belong to no session: no reaper, no `gc`.
 
     For a segment that must outlive the process tree that makes it (one job
