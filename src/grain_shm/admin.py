@@ -24,6 +24,7 @@ import os
 import resource
 import sys
 import time
+from typing import Literal, TypedDict
 
 from grain_shm import reaper
 
@@ -44,6 +45,19 @@ def _human(nbytes: int) -> str:
     raise AssertionError
 
 
+class SegmentRecord(TypedDict):
+    """What `segments()` says about one segment (`ls --json` prints these)."""
+
+    name: str
+    size: int
+    session: str | None  # None for a persistent segment
+    root_pid: int | None
+    alive: bool | None  # None: persistent, or liveness unknown
+    reaper: bool | None
+    persistent: bool
+    age_s: float
+
+
 def _other_namespace_roots() -> set[tuple[int, int, int]] | None:
     """What would name a session in every other pid namespace: (pid as its
     namespace numbers it, start tag, namespace tag) of each process there.
@@ -56,7 +70,7 @@ def _other_namespace_roots() -> set[tuple[int, int, int]] | None:
     ours = reaper.pid_namespace()
     if ours != INITIAL_PID_NAMESPACE:
         return None  # nested: siblings and ancestors are out of sight
-    roots = set()
+    roots: set[tuple[int, int, int]] = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -79,9 +93,10 @@ def _other_namespace_roots() -> set[tuple[int, int, int]] | None:
 class _Liveness:
     """Whether sessions are alive, each worked out once per command."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._known: dict[str, bool | None] = {}
-        self._others: set | None | bool = False  # False: not read yet
+        # False: not read yet; None: unreadable (see _other_namespace_roots)
+        self._others: set[tuple[int, int, int]] | None | Literal[False] = False
 
     def __call__(self, session: str) -> bool | None:
         if session not in self._known:
@@ -95,7 +110,7 @@ class _Liveness:
         return self._known[session]
 
 
-def segments(shm_dir: str = reaper.SHM_DIR) -> list[dict]:
+def segments(shm_dir: str = reaper.SHM_DIR) -> list[SegmentRecord]:
     """One record per grain_shm segment in `shm_dir`, oldest first."""
     try:
         names = os.listdir(shm_dir)
@@ -103,7 +118,7 @@ def segments(shm_dir: str = reaper.SHM_DIR) -> list[dict]:
         return []
     now = time.time()
     alive_of = _Liveness()
-    records = []
+    records: list[SegmentRecord] = []
     for name in names:
         persistent = reaper.PERSISTENT_RE.fullmatch(name) is not None
         match = reaper.SEGMENT_RE.fullmatch(name)
@@ -113,7 +128,7 @@ def segments(shm_dir: str = reaper.SHM_DIR) -> list[dict]:
             st = os.stat(os.path.join(shm_dir, name))
         except OSError:
             continue  # unlinked meanwhile
-        record = {
+        record: SegmentRecord = {
             "name": name,
             "size": st.st_size,
             "session": None,
@@ -127,24 +142,25 @@ def segments(shm_dir: str = reaper.SHM_DIR) -> list[dict]:
         }
         if match:
             session = match.group(1)
-            record.update(
-                session=session,
-                root_pid=reaper.root_of(session)[0],
-                alive=alive_of(session),
-                reaper=reaper.reaper_running(session),
-            )
+            # A dict, not keywords: the form mypy accepts for a TypedDict.
+            record.update({
+                "session": session,
+                "root_pid": reaper.root_of(session)[0],
+                "alive": alive_of(session),
+                "reaper": reaper.reaper_running(session),
+            })
         records.append(record)
     records.sort(key=lambda r: (-r["age_s"], r["name"]))
     return records
 
 
-def _alive_text(record: dict) -> str:
+def _alive_text(record: SegmentRecord) -> str:
     if record["persistent"]:
         return "kept"
     return {True: "yes", False: "DEAD", None: "unknown"}[record["alive"]]
 
 
-def cmd_ls(args) -> int:
+def cmd_ls(args: argparse.Namespace) -> int:
     records = segments()
     if args.json:
         json.dump(records, sys.stdout, indent=1)
@@ -172,7 +188,7 @@ def cmd_ls(args) -> int:
     return 0
 
 
-def cmd_gc(args) -> int:
+def cmd_gc(args: argparse.Namespace) -> int:
     dead = [r for r in segments() if r["alive"] is False]
     freed = 0
     count = 0
@@ -270,7 +286,7 @@ def _probe(shm_dir: str) -> str | None:
     return None
 
 
-def cmd_doctor(args) -> int:
+def cmd_doctor(args: argparse.Namespace) -> int:
     shm_dir = reaper.SHM_DIR
     problems: list[str] = []
     advice: list[str] = []
