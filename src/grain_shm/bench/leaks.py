@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List
+from typing import Dict, List, Set, TypedDict
 
 SHM_DIR = "/dev/shm"
 
 
-def entries() -> set:
+class Leak(TypedDict):
+    name: str  # the entry in SHM_DIR
+    after_cell: str  # the label of the cell after which it was first seen
+
+
+class LeakCheck(TypedDict):
+    dir: str
+    entries_before: int
+    leaked: List[Leak]
+    ok: bool
+
+
+def entries() -> Set[str]:
     try:
         return set(os.listdir(SHM_DIR))
     except FileNotFoundError:
@@ -24,7 +36,7 @@ def entries() -> set:
 class Watch:
     """Snapshots of /dev/shm: at the start, after each cell, at the end."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.before = entries()
         self.first_seen: Dict[str, str] = {}
 
@@ -32,12 +44,12 @@ class Watch:
         for name in entries() - self.before:
             self.first_seen.setdefault(name, label)
 
-    def result(self, settle: float = 2.0) -> dict:
+    def result(self, settle: float = 2.0) -> LeakCheck:
         """The verdict, after giving in-flight releases `settle` seconds to land."""
         deadline = time.monotonic() + settle
         while (entries() - self.before) and time.monotonic() < deadline:
             time.sleep(0.05)
-        leaked: List[dict] = [
+        leaked: List[Leak] = [
             {"name": name, "after_cell": self.first_seen.get(name, "(end of run)")}
             for name in sorted(entries() - self.before)
         ]

@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+from typing import Dict, List, Optional, TypedDict
 
 
 def _cpu_model() -> str:
@@ -34,7 +35,18 @@ def _shm_bytes() -> int:
     return st.f_blocks * st.f_frsize
 
 
-def info() -> dict:
+class MachineInfo(TypedDict):
+    hostname: str
+    platform: str
+    cpu: str
+    cpus: Optional[int]
+    cpus_usable: Optional[int]
+    memory_bytes: int
+    dev_shm_bytes: int
+    load_average_at_start: List[float]
+
+
+def info() -> MachineInfo:
     return {
         "hostname": platform.node(),
         "platform": platform.platform(),
@@ -47,8 +59,9 @@ def info() -> dict:
     }
 
 
-def versions() -> dict:
-    found = {"python": sys.version.split()[0]}
+def versions() -> Dict[str, Optional[str]]:
+    """Python's version and each package's; None for a package not installed."""
+    found: Dict[str, Optional[str]] = {"python": sys.version.split()[0]}
     for package in ("grain_shm", "numpy", "grain", "SharedArray", "matplotlib"):
         try:
             found[package] = importlib.metadata.version(package)
@@ -61,7 +74,7 @@ def versions() -> dict:
     return found
 
 
-def headline(machine: dict, versions: dict, started: str) -> str:
+def headline(machine: MachineInfo, versions: Dict[str, Optional[str]], started: str) -> str:
     """One line naming the machine and the date, for the top of a report."""
     return (
         f"{started[:16].replace('T', ' ')} UTC · {machine['cpu']} "

@@ -6,12 +6,13 @@ back and land in the JSON, so a run's size does not grow with its length.
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Any, Dict, Sequence, Tuple, Union
 
 import numpy as np
+import numpy.typing as npt
 
 
-def summary(samples: Sequence[float]) -> Dict[str, float]:
+def summary(samples: Union[Sequence[float], npt.NDArray[np.floating[Any]]]) -> Dict[str, float]:
     """n, median, p10, p90, min, max and mean of `samples`."""
     values = np.asarray(samples, dtype=float)
     if values.size == 0:
@@ -28,7 +29,9 @@ def summary(samples: Sequence[float]) -> Dict[str, float]:
     }
 
 
-def segment_rates(timestamps: Sequence[float], warmup: int, segments: int):
+def segment_rates(
+    timestamps: Sequence[float], warmup: int, segments: int
+) -> Tuple[npt.NDArray[np.float64], int]:
     """Per-segment rates (items/s) from the completion time of every item.
 
     The first `warmup` items are dropped (the pipeline is still filling); the
