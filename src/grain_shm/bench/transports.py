@@ -22,9 +22,12 @@ import importlib.util
 import itertools
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Type
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from grain_shm import SharedMemoryArray
 
 # Names the benchmark itself makes in /dev/shm (SharedArray's, the ceilings').
 NAME_PREFIX = "grain_shm_bench_"
@@ -39,11 +42,31 @@ class Held:
 
     __slots__ = ("array", "name", "handle", "owner")
 
-    def __init__(self, array, name=None, handle=None, owner=False):
+    # `array`: an ndarray (the transport's own subclass, for some), set to None
+    # by release(); `handle`: whatever release() needs (the stdlib's
+    # SharedMemory), else None. Both Any: the moves between create()/open()
+    # and release() use them without None checks.
+    def __init__(
+        self, array: Any, name: Optional[str] = None, handle: Any = None, owner: bool = False
+    ) -> None:
         self.array = array
         self.name = name
         self.handle = handle
         self.owner = owner
+
+
+class Transport(Protocol):
+    """What every class in TRANSPORTS provides (see the module's docstring)."""
+
+    name: str
+    requires: Optional[str]  # the module it needs, checked by missing()
+
+    def prepare(self) -> None: ...
+    def create(self, nbytes: int, owner: bool) -> Held: ...
+    def message(self, held: Held) -> Any: ...
+    def open(self, message: Any) -> Held: ...
+    def release(self, held: Held) -> None: ...
+    def unlink(self, name: str) -> None: ...
 
 
 class Pickle:
@@ -114,6 +137,10 @@ class _GrainApi:
     receiver marks it with unlink_on_del()."""
 
     requires: Optional[str] = None
+    # Set by the subclass: its SharedMemoryArray class (in prepare()), and
+    # how to read an array's segment name.
+    _array_type: Any
+    _name_of: Callable[[Any], str]
 
     def create(self, nbytes: int, owner: bool) -> Held:
         array = self._array_type((nbytes,), np.uint8)
@@ -144,7 +171,7 @@ class GrainShm(_GrainApi):
         self._array_type = grain_shm.SharedMemoryArray
 
     @staticmethod
-    def _name_of(array: Any) -> str:
+    def _name_of(array: SharedMemoryArray) -> str:
         return array.metadata.name
 
     def unlink(self, name: str) -> None:
@@ -179,7 +206,8 @@ class Grain(_GrainApi):
 
     @staticmethod
     def _name_of(array: Any) -> str:
-        return array.shm.name
+        name: str = array.shm.name  # Grain's SharedMemoryArray is untyped
+        return name
 
     def unlink(self, name: str) -> None:
         shm = self._shm.SharedMemory(name=name)
@@ -218,7 +246,7 @@ class SharedArrayTransport:
         self._sa.delete(f"shm://{name}")
 
 
-TRANSPORTS: Dict[str, type] = {
+TRANSPORTS: Dict[str, Type[Transport]] = {
     t.name: t for t in (Pickle, Stdlib, GrainShm, GrainShmAsync, Grain, SharedArrayTransport)
 }
 
@@ -231,7 +259,7 @@ def missing(name: str) -> Optional[str]:
     return f"{module} is not installed (pip install 'grain_shm[compare]')"
 
 
-def get(name: str):
+def get(name: str) -> Transport:
     """A prepared transport, in the process that will use it."""
     transport = TRANSPORTS[name]()
     transport.prepare()
