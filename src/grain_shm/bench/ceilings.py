@@ -21,13 +21,17 @@ import itertools
 import mmap
 import os
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from grain_shm.bench import leaks, payload
-from grain_shm.bench.micro import measure
-from grain_shm.bench.runner import Cell, Section
+from grain_shm.bench.micro import Step, measure
+from grain_shm.bench.runner import Cell, Result, Section
 from grain_shm.bench.transports import NAME_PREFIX
+
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Event
 
 _counter = itertools.count()
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only
@@ -45,7 +49,7 @@ def _map_populated(path: str, nbytes: int) -> mmap.mmap:
         os.close(fd)
 
 
-def _memcpy(nbytes: int, pattern: np.ndarray):
+def _memcpy(nbytes: int, pattern: np.ndarray) -> Step:
     target = np.ones(nbytes, np.uint8)  # faulted in
 
     def step() -> float:
@@ -56,7 +60,7 @@ def _memcpy(nbytes: int, pattern: np.ndarray):
     return step
 
 
-def _first_touch_fill(nbytes: int, pattern: np.ndarray, populate: bool):
+def _first_touch_fill(nbytes: int, pattern: np.ndarray, populate: bool) -> Step:
     def step() -> float:
         path = _new_path()
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -82,7 +86,7 @@ def _first_touch_fill(nbytes: int, pattern: np.ndarray, populate: bool):
     return step
 
 
-def _fresh_read(nbytes: int, path: str):
+def _fresh_read(nbytes: int, path: str) -> Step:
     def step() -> float:
         start = time.perf_counter()
         mapping = _map_populated(path, nbytes)
@@ -94,15 +98,15 @@ def _fresh_read(nbytes: int, path: str):
     return step
 
 
-def _measure_size(nbytes: int, cell: Cell) -> dict:
+def _measure_size(nbytes: int, cell: Cell) -> Result:
     pattern = payload.source(nbytes)
 
-    def timed(step) -> dict:
+    def timed(step: Step) -> Result:
         figure = measure(step, cell.budget, cell.min_count)
         figure["gbps"] = nbytes / figure["us"]["median"] / 1e3
         return figure
 
-    row = {
+    row: Result = {
         "size": nbytes,
         "memcpy": timed(_memcpy(nbytes, pattern)),
         "fault_fill": timed(_first_touch_fill(nbytes, pattern, populate=False)),
@@ -120,7 +124,7 @@ def _measure_size(nbytes: int, cell: Cell) -> dict:
     return row
 
 
-def run(cell: Cell, abort) -> dict:
+def run(cell: Cell, abort: Event) -> Result:
     return {"sizes": [_measure_size(nbytes, cell) for nbytes in cell.sizes]}
 
 

@@ -11,20 +11,28 @@ from __future__ import annotations
 
 import time
 from multiprocessing.reduction import ForkingPickler
+from typing import TYPE_CHECKING, Callable, List, cast
 
 from grain_shm.bench import payload, stats, transports
-from grain_shm.bench.runner import Cell, Section
+from grain_shm.bench.runner import Cell, Result, Section
+from grain_shm.bench.transports import Transport
+
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Event
+
+# A timed step: does one repetition, returns the seconds it measured.
+Step = Callable[[], float]
 
 WARMUP = 3
 MAX_COUNT = 200_000
 
 
-def measure(step, budget: float, min_count: int) -> dict:
+def measure(step: Step, budget: float, min_count: int) -> Result:
     """Time `step()` (it returns the seconds it measured) for `budget` seconds,
     at least `min_count` times; µs per step, and process CPU µs per step."""
     for _ in range(WARMUP):
         step()
-    samples = []
+    samples: List[float] = []
     cpu = time.process_time()
     start = time.perf_counter()
     while len(samples) < min_count or (
@@ -38,7 +46,7 @@ def measure(step, budget: float, min_count: int) -> dict:
     }
 
 
-def _create_fill_destroy(transport, nbytes: int):
+def _create_fill_destroy(transport: Transport, nbytes: int) -> Step:
     pattern = payload.source(nbytes)
 
     def step() -> float:
@@ -51,7 +59,7 @@ def _create_fill_destroy(transport, nbytes: int):
     return step
 
 
-def _release(transport, nbytes: int):
+def _release(transport: Transport, nbytes: int) -> Step:
     """Received as a queue delivers it (pickled and unpickled), read, then timed: release."""
     pattern = payload.source(nbytes)
 
@@ -69,8 +77,8 @@ def _release(transport, nbytes: int):
     return step
 
 
-def _run(make_step, cell: Cell) -> dict:
-    transport = transports.get(cell.transport)
+def _run(make_step: Callable[[Transport, int], Step], cell: Cell) -> Result:
+    transport = transports.get(cast(str, cell.transport))  # these sections' cells have one
     return {
         "sizes": [
             {"size": nbytes, **measure(make_step(transport, nbytes), cell.budget, cell.min_count)}
@@ -79,11 +87,11 @@ def _run(make_step, cell: Cell) -> dict:
     }
 
 
-def run_create_fill_destroy(cell: Cell, abort) -> dict:
+def run_create_fill_destroy(cell: Cell, abort: Event) -> Result:
     return _run(_create_fill_destroy, cell)
 
 
-def run_release(cell: Cell, abort) -> dict:
+def run_release(cell: Cell, abort: Event) -> Result:
     return _run(_release, cell)
 
 

@@ -14,10 +14,26 @@ import queue
 import sys
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import (
+    TYPE_CHECKING, Any, Callable, Dict, List, Literal, Mapping, Optional, TextIO, Tuple, TypedDict,
+)
 
 from grain_shm.bench import leaks, transports
 from grain_shm.bench.transports import Unavailable
+
+if TYPE_CHECKING:
+    from multiprocessing.context import BaseContext
+    from multiprocessing.process import BaseProcess
+    from multiprocessing.queues import Queue
+    from multiprocessing.synchronize import Event
+
+# What a cell's process returns, and what a section makes of them: JSON-ready
+# dicts whose keys differ by section (`--json` shows them).
+Result = Dict[str, Any]
+# (role, target, extra args) of one process of a cell; see Section.
+ProcessSpec = Tuple[str, Callable[..., Result], Tuple[object, ...]]
+# (role, status, value) as a cell process reports it; see _entry().
+Outcome = Tuple[str, str, Any]
 
 
 class Aborted(Exception):
@@ -54,8 +70,27 @@ class Section:
     those into the cell's result."""
 
     name: str
-    processes: Callable[[Cell, Any], List[Tuple[str, Callable, tuple]]]
-    summarize: Callable[[Cell, Dict[str, dict]], dict]
+    processes: Callable[[Cell, BaseContext], List[ProcessSpec]]
+    summarize: Callable[[Cell, Dict[str, Result]], Result]
+
+
+class CellRecord(TypedDict, total=False):
+    """One cell's entry in the run's record (`cells` in the JSON).
+
+    Every record has the five keys of its Cell, `status` and `elapsed_s`; then
+    `result` if ok, `reason` if skipped, `error` if it failed. total=False
+    because run_cell() builds it in steps."""
+
+    section: str
+    transport: Optional[str]
+    sizes: List[int]
+    budget_s: float
+    min_count: int
+    status: Literal["ok", "skipped", "error"]
+    elapsed_s: float
+    result: Result
+    reason: str
+    error: str
 
 
 def format_size(nbytes: int) -> str:
@@ -65,7 +100,14 @@ def format_size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def _entry(role, target, cell, extra, results, abort) -> None:
+def _entry(
+    role: str,
+    target: Callable[..., Result],
+    cell: Cell,
+    extra: Tuple[object, ...],
+    results: Queue[Outcome],
+    abort: Event,
+) -> None:
     """A cell process: run the target, report exactly one outcome."""
     try:
         results.put((role, "ok", target(cell, abort, *extra)))
@@ -79,9 +121,9 @@ def _entry(role, target, cell, extra, results, abort) -> None:
         results.put((role, "error", f"{role}: {traceback.format_exc()}"))
 
 
-def run_cell(cell: Cell, section: Section) -> dict:
+def run_cell(cell: Cell, section: Section) -> CellRecord:
     """Run one cell; its record says ok (with the result), skipped or error."""
-    record = {
+    record: CellRecord = {
         "section": cell.section,
         "transport": cell.transport,
         "sizes": list(cell.sizes),
@@ -125,7 +167,9 @@ def run_cell(cell: Cell, section: Section) -> dict:
     return {**record, "status": "ok", "result": result}
 
 
-def _collect(procs, results, abort, deadline):
+def _collect(
+    procs: Mapping[str, BaseProcess], results: Queue[Outcome], abort: Event, deadline: float
+) -> Tuple[Dict[str, Tuple[str, Any]], Optional[str]]:
     """Every role's (status, value); and why the cell failed outside them, if it did."""
     outcomes: Dict[str, Tuple[str, Any]] = {}
     while len(outcomes) < len(procs):
@@ -155,7 +199,7 @@ def _collect(procs, results, abort, deadline):
     return outcomes, None
 
 
-def _stop(procs) -> None:
+def _stop(procs: Mapping[str, BaseProcess]) -> None:
     """Join every process, terminating (then killing) any that will not leave."""
     for proc in procs.values():
         proc.join(timeout=10)
@@ -171,7 +215,7 @@ def _stop(procs) -> None:
 class Progress:
     """The live line on stderr: cell n of N, what it measures, elapsed time."""
 
-    def __init__(self, total: int, stream=sys.stderr):
+    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
         self.total = total
         self.stream = stream
         self.started = time.perf_counter()
@@ -198,7 +242,7 @@ class Progress:
         return elapsed
 
 
-def run(cells: List[Cell], sections: Dict[str, Section], watch: leaks.Watch) -> List[dict]:
+def run(cells: List[Cell], sections: Dict[str, Section], watch: leaks.Watch) -> List[CellRecord]:
     """Run every cell in order, showing progress and noting new /dev/shm entries."""
     progress = Progress(len(cells))
     records = []

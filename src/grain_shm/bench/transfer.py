@@ -14,11 +14,18 @@ from __future__ import annotations
 import collections
 import queue
 import time
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, cast
 
 import numpy as np
 
 from grain_shm.bench import payload, stats, transports
-from grain_shm.bench.runner import Aborted, Cell, Section
+from grain_shm.bench.runner import Aborted, Cell, ProcessSpec, Result, Section
+from grain_shm.bench.transports import Held
+
+if TYPE_CHECKING:
+    from multiprocessing.context import BaseContext
+    from multiprocessing.queues import Queue
+    from multiprocessing.synchronize import Event
 
 QUEUE_DEPTH = 4
 WARMUP = 2  # arrays at least, 10% at most, before the clock starts
@@ -28,7 +35,7 @@ POLL = 0.1  # seconds between looks at the abort event while blocked
 ABORT_CHECK_EVERY = 64  # arrays between looks at it while not blocked
 
 
-def _get(q, abort):
+def _get(q: Queue[Any], abort: Event) -> Any:
     while True:
         try:
             return q.get(timeout=POLL)
@@ -37,7 +44,7 @@ def _get(q, abort):
                 raise Aborted from None
 
 
-def _put(q, item, abort) -> None:
+def _put(q: Queue[Any], item: object, abort: Event) -> None:
     while True:
         try:
             return q.put(item, timeout=POLL)
@@ -46,20 +53,21 @@ def _put(q, item, abort) -> None:
                 raise Aborted from None
 
 
-def _wait(event, abort) -> None:
+def _wait(event: Event, abort: Event) -> None:
     while not event.wait(POLL):
         if abort.is_set():
             raise Aborted
 
 
-def produce(cell: Cell, abort, q, ready, done) -> dict:
+def produce(cell: Cell, abort: Event, q: Queue[Any], ready: Event, done: Event) -> Result:
     """Fill and send arrays for the cell's budget (and at least its minimum)."""
     nbytes = cell.sizes[0]
-    transport = transports.get(cell.transport)
+    transport = transports.get(cast(str, cell.transport))  # transfer cells have one
     pattern = payload.source(nbytes)
     # Names sent but perhaps not yet removed by the consumer: on failure
-    # they are unlinked here, so an error leaves /dev/shm as it was.
-    in_flight = collections.deque(maxlen=QUEUE_DEPTH + 64)
+    # they are unlinked here, so an error leaves /dev/shm as it was. Any: a
+    # Held's name is None for pickle, whose unlink() ignores it.
+    in_flight: Deque[Any] = collections.deque(maxlen=QUEUE_DEPTH + 64)
     count = 0
     try:
         _wait(ready, abort)
@@ -92,13 +100,13 @@ def produce(cell: Cell, abort, q, ready, done) -> dict:
     return {"arrays": count, "cpu_s": cpu, "wall_s": wall}
 
 
-def consume(cell: Cell, abort, q, ready, done) -> dict:
+def consume(cell: Cell, abort: Event, q: Queue[Any], ready: Event, done: Event) -> Result:
     """Get, read, verify and release arrays until the producer's end mark."""
     nbytes = cell.sizes[0]
-    transport = transports.get(cell.transport)
+    transport = transports.get(cast(str, cell.transport))  # transfer cells have one
     pattern_sum = payload.checksum(payload.source(nbytes))
-    finished = []
-    held = None
+    finished: List[float] = []  # perf_counter() when each array was done
+    held: Optional[Held] = None
     ready.set()
     cpu = time.process_time()
     try:
@@ -129,7 +137,7 @@ def consume(cell: Cell, abort, q, ready, done) -> dict:
     return {"arrays": len(finished), "timed": timed, "rates": rates.tolist(), "cpu_s": cpu}
 
 
-def processes(cell: Cell, ctx):
+def processes(cell: Cell, ctx: BaseContext) -> List[ProcessSpec]:
     q = ctx.Queue(maxsize=QUEUE_DEPTH)
     ready, done = ctx.Event(), ctx.Event()
     return [
@@ -138,7 +146,7 @@ def processes(cell: Cell, ctx):
     ]
 
 
-def summarize(cell: Cell, outputs) -> dict:
+def summarize(cell: Cell, outputs: Dict[str, Result]) -> Result:
     producer, consumer = outputs["producer"], outputs["consumer"]
     nbytes = cell.sizes[0]
     rates = np.asarray(consumer["rates"])
