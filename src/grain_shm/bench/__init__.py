@@ -14,10 +14,11 @@ import json
 import os
 import re
 import sys
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, cast
 
 from grain_shm.bench import ceilings, leaks, machine, micro, plot, report, runner, transfer
 from grain_shm.bench.payload import check_size
+from grain_shm.bench.report import RunRecord
 from grain_shm.bench.runner import Cell
 from grain_shm.bench.transports import TRANSPORTS
 
@@ -54,7 +55,7 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _choices(allowed: Sequence[str]):
+def _choices(allowed: Sequence[str]) -> Callable[[str], List[str]]:
     def parse(text: str) -> List[str]:
         chosen = [item.strip() for item in text.split(",") if item.strip()]
         unknown = [item for item in chosen if item not in allowed]
@@ -88,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan(args) -> List[Cell]:
+def plan(args: argparse.Namespace) -> List[Cell]:
     budgets = BUDGETS["quick" if args.quick else "full"]
     transfer_sizes = tuple(args.sizes or TRANSFER_SIZES)
     micro_sizes = tuple(args.sizes or MICRO_SIZES)
@@ -106,7 +107,7 @@ def plan(args) -> List[Cell]:
     return cells
 
 
-def _output_problem(args) -> Optional[str]:
+def _output_problem(args: argparse.Namespace) -> Optional[str]:
     for path in filter(None, (args.json, args.plot)):
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
@@ -119,13 +120,13 @@ def main(argv: Sequence[str]) -> int:
     try:
         args = _parser().parse_args(list(argv)[1:])
     except SystemExit as exit_:
-        return exit_.code
+        return cast(int, exit_.code)  # argparse exits with 2 (bad arguments) or 0 (--help)
     problem = _output_problem(args)
     if problem:  # found now, not after minutes of measuring
         print(f"python -m grain_shm bench: {problem}", file=sys.stderr)
         return 2
     started = datetime.datetime.now(datetime.timezone.utc)
-    doc = {
+    doc: RunRecord = {
         "schema": 1,
         "argv": ["python", "-m", "grain_shm", *argv],
         "started": started.isoformat(timespec="seconds"),

@@ -7,15 +7,20 @@ is asked before the run starts, so a missing plotter costs a message, not a run.
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
+from typing import TYPE_CHECKING, Iterable, List, Literal, Optional, cast
 
 from grain_shm.bench import machine, report
+from grain_shm.bench.report import RunRecord
 from grain_shm.bench.runner import format_size
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
 PLOTTED = ("transfer", "cfd")
+_SizesKey = Literal["transfer_sizes", "micro_sizes"]  # of RunConfig
 
 
-def problem(sections) -> Optional[str]:
+def problem(sections: Iterable[str]) -> Optional[str]:
     """Why `--plot` cannot work for this run, or None; asked before the run."""
     if importlib.util.find_spec("matplotlib") is None:
         return (
@@ -27,7 +32,7 @@ def problem(sections) -> Optional[str]:
     return None
 
 
-def _transfer(ax, doc) -> None:
+def _transfer(ax: Axes, doc: RunRecord) -> None:
     """GB/s per transport with its p10-p90 band, under the machine's ceilings."""
     transfer, _, ceilings = report.index(doc)
     sizes = doc["config"]["transfer_sizes"]
@@ -44,7 +49,9 @@ def _transfer(ax, doc) -> None:
                             color=line.get_color(), alpha=0.15)
     bounded = [size for size in sizes if size in ceilings]
     if bounded:
-        ax.plot(bounded, [report.transfer_bound(ceilings, s) for s in bounded], "k--",
+        # Never None: every size in `bounded` has its ceilings row.
+        bounds = cast(List[float], [report.transfer_bound(ceilings, s) for s in bounded])
+        ax.plot(bounded, bounds, "k--",
                 label="ceiling: fresh segment (fill or read)")
         ax.plot(bounded, [ceilings[s]["memcpy"]["gbps"] for s in bounded], "k:",
                 label="ceiling: memcpy")
@@ -52,7 +59,7 @@ def _transfer(ax, doc) -> None:
     ax.set_ylabel("GB/s")
 
 
-def _create_fill_destroy(ax, doc) -> None:
+def _create_fill_destroy(ax: Axes, doc: RunRecord) -> None:
     """µs per array per transport, over the first-touch fill it cannot beat."""
     _, micro, ceilings = report.index(doc)
     for transport in doc["config"]["transports"]:
@@ -69,7 +76,7 @@ def _create_fill_destroy(ax, doc) -> None:
     ax.set_ylabel("µs per array")
 
 
-def save(doc: dict, path: str) -> None:
+def save(doc: RunRecord, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,7 +84,7 @@ def save(doc: dict, path: str) -> None:
     from matplotlib.ticker import NullLocator
 
     panels = [
-        (draw, doc["config"][sizes])
+        (draw, doc["config"][cast(_SizesKey, sizes)])
         for name, draw, sizes in (
             ("transfer", _transfer, "transfer_sizes"),
             ("cfd", _create_fill_destroy, "micro_sizes"),

@@ -8,12 +8,50 @@ machine ceiling that bounds them.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, TypedDict
 
 from grain_shm.bench import machine
-from grain_shm.bench.runner import format_size
+from grain_shm.bench.leaks import LeakCheck
+from grain_shm.bench.runner import CellRecord, Result, format_size
 
 GRAIN_SHM = ("grain_shm", "grain_shm-async")
+
+
+class RunConfig(TypedDict):
+    quick: bool
+    sections: List[str]
+    transports: List[str]
+    transfer_sizes: List[int]
+    micro_sizes: List[int]
+    budgets: Dict[str, Tuple[float, int]]  # section: (seconds, minimum count)
+    transfer_queue_depth: int
+
+
+class _RunStart(TypedDict):
+    schema: int
+    argv: List[str]
+    started: str  # ISO 8601, UTC
+    machine: machine.MachineInfo
+    versions: Dict[str, Optional[str]]
+
+
+class RunRecord(_RunStart, total=False):
+    """The run's record, as `--json` writes it. The keys from `config` on are
+    added as the run goes (total=False); a finished run has every one."""
+
+    config: RunConfig
+    cells: List[CellRecord]
+    leak_check: LeakCheck
+    elapsed_s: float
+    ok: bool
+
+
+# The cells of a run by what looks them up (see index()).
+TransferCells = Dict[Tuple[Optional[str], int], CellRecord]  # (transport, size)
+MicroCells = Dict[Tuple[str, Optional[str]], CellRecord]  # (section, transport)
+CeilingRows = Dict[int, Result]  # size: the ceilings cell's row
+# A table: its headers and its rows of cells.
+Table = Tuple[List[str], List[List[str]]]
 
 
 def _num(x: float) -> str:
@@ -31,15 +69,18 @@ def _ratio(x: float) -> str:
     return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
 
 
-def _status(record: Optional[dict]) -> str:
+def _status(record: Optional[CellRecord]) -> str:
     if record is None:
         return "-"
     return "skipped" if record["status"] == "skipped" else "FAILED"
 
 
-def index(doc: dict):
+def index(doc: RunRecord) -> Tuple[TransferCells, MicroCells, CeilingRows]:
     """The run's cells by what looks them up: transfer by (transport, size),
     cfd/release by (section, transport), ceiling rows by size."""
+    transfer: TransferCells
+    micro: MicroCells
+    ceilings: CeilingRows
     transfer, micro, ceilings = {}, {}, {}
     for record in doc["cells"]:
         if record["section"] == "transfer":
@@ -52,22 +93,24 @@ def index(doc: dict):
     return transfer, micro, ceilings
 
 
-def _transfer_gbps(transfer, transport, size) -> Optional[float]:
+def _transfer_gbps(transfer: TransferCells, transport: str, size: int) -> Optional[float]:
     record = transfer.get((transport, size))
     if record is None or record["status"] != "ok":
         return None
-    return record["result"]["gbps"]["median"]
+    median: float = record["result"]["gbps"]["median"]
+    return median
 
 
-def transfer_bound(ceilings, size) -> Optional[float]:
+def transfer_bound(ceilings: CeilingRows, size: int) -> Optional[float]:
     """The fresh-segment pipeline can go no faster than its slower end."""
     row = ceilings.get(size)
     if row is None:
         return None
-    return min(row["first_touch_fill"]["gbps"], row["fresh_read"]["gbps"])
+    bound: float = min(row["first_touch_fill"]["gbps"], row["fresh_read"]["gbps"])
+    return bound
 
 
-def transfer_table(doc: dict):
+def transfer_table(doc: RunRecord) -> Table:
     transfer, _, ceilings = index(doc)
     headers = ["size", "transport", "GB/s", "p10-p90", "arrays/s", "producer CPU µs",
                "consumer CPU µs", "× pickle", "× stdlib", "of ceiling"]
@@ -98,7 +141,7 @@ def transfer_table(doc: dict):
     return headers, rows
 
 
-def micro_table(doc: dict, section: str):
+def micro_table(doc: RunRecord, section: str) -> Table:
     _, micro, ceilings = index(doc)
     chosen = doc["config"]["transports"]
     medians: Dict[str, Dict[int, float]] = {}
@@ -130,7 +173,7 @@ def micro_table(doc: dict, section: str):
     return headers, rows
 
 
-def ceilings_table(doc: dict):
+def ceilings_table(doc: RunRecord) -> Table:
     _, _, ceilings = index(doc)
     headers = ["size", "memcpy GB/s", "first-touch fill GB/s", "fresh-mapping read GB/s",
                "first-touch fill µs", "fill by"]
@@ -168,7 +211,7 @@ _TITLES = {
 }
 
 
-def _tables(doc: dict) -> List[Tuple[str, list, list]]:
+def _tables(doc: RunRecord) -> List[Tuple[str, List[str], List[List[str]]]]:
     built = []
     for section in doc["config"]["sections"]:
         if section == "transfer":
@@ -182,7 +225,7 @@ def _tables(doc: dict) -> List[Tuple[str, list, list]]:
     return built
 
 
-def _render(headers, rows, markdown: bool, left: int) -> str:
+def _render(headers: List[str], rows: List[List[str]], markdown: bool, left: int) -> str:
     if markdown:
         lines = ["| " + " | ".join(headers) + " |",
                  "|" + "|".join("---" if i < left else "---:" for i in range(len(headers))) + "|"]
@@ -190,7 +233,7 @@ def _render(headers, rows, markdown: bool, left: int) -> str:
         return "\n".join(lines)
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
 
-    def line(cells):
+    def line(cells: Sequence[str]) -> str:
         return "  ".join(
             c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
         ).rstrip()
@@ -198,7 +241,7 @@ def _render(headers, rows, markdown: bool, left: int) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def _notes(doc: dict) -> List[str]:
+def _notes(doc: RunRecord) -> List[str]:
     notes = []
     seen = set()
     for record in doc["cells"]:
@@ -220,7 +263,7 @@ def _notes(doc: dict) -> List[str]:
     return notes
 
 
-def render(doc: dict, markdown: bool = False) -> str:
+def render(doc: RunRecord, markdown: bool = False) -> str:
     """Every table of the run, then skips, failures and the leak verdict."""
     parts = [machine.headline(doc["machine"], doc["versions"], doc["started"])]
     for title, headers, rows in _tables(doc):
