@@ -146,3 +146,22 @@ def test_every_dtype_crosses_a_spawned_process():
         if child.is_alive():
             child.kill()
     assert child.exitcode == 0
+
+
+def test_dtypes_other_packages_register_keep_their_identity():
+    # numpy's own test dtype, registered like ml_dtypes' bfloat16: its .str is
+    # "<V8", which would rebuild as raw bytes.
+    rational = pytest.importorskip("numpy._core._rational_tests").rational
+    arr = SharedMemoryArray((3,), rational)
+    arr.unlink_on_del()
+    arr[:] = [rational(1, 2), rational(2, 3), rational(3, 4)]
+    back = pickle.loads(pickle.dumps(arr))
+    assert back.dtype == rational
+    assert back[1] == rational(2, 3)
+
+
+def test_dtype_metadata_survives_pickling():
+    dtype = np.dtype(np.float32, metadata={"unit": "m"})
+    arr = SharedMemoryArray((2,), dtype)
+    arr.unlink_on_del()
+    assert pickle.loads(pickle.dumps(arr)).dtype.metadata == {"unit": "m"}
