@@ -195,3 +195,68 @@ def test_one_gib_array_crosses_a_spawned_process():
         """,
         timeout=300,
     )
+
+
+def test_an_owned_array_still_in_a_queue_at_exit_reaches_the_child():
+    # multiprocessing joins children and flushes queues at exit; the owner's
+    # unlink must come after that, or the child finds no segment.
+    proc = run_python(
+        """
+        import multiprocessing as mp, sys, time
+        import numpy as np
+        from grain_shm import SharedMemoryArray
+
+        def late_reader(queue, out):
+            out.put("ready")
+            time.sleep(1.0)
+            arr = queue.get(timeout=30)
+            assert float(arr.sum()) == 1000.0
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("spawn")
+            queue, out = ctx.Queue(), ctx.Queue()
+            ctx.Process(target=late_reader, args=(queue, out)).start()
+            assert out.get(timeout=60) == "ready"  # it holds the queue's semaphores
+            arr = SharedMemoryArray((1000,), np.float64)
+            arr[:] = 1.0
+            arr.unlink_on_del()
+            queue.put(arr)
+            print(arr.metadata.name, flush=True)
+            # no join: the interpreter's exit joins the reader, which must
+            # still find the segment after this process has begun to exit
+        """,
+        timeout=120,
+    )
+    assert proc.stderr == "", proc.stderr
+    assert not exists(proc.stdout.split()[0])
+
+
+def test_forks_do_not_pile_up_exit_hooks():
+    from multiprocessing import util
+
+    run_python(
+        """
+        import os
+        from multiprocessing import util
+        import grain_shm
+        from grain_shm import session
+
+        def hooks():
+            finalizers = [f for f in list(util._finalizer_registry.values())
+                          if f._callback is session._unlink_owned_at_exit
+                          and f._pid == os.getpid()]
+            return len(finalizers), len(util._afterfork_registry)
+
+        start = hooks()
+        for depth in range(3):
+            pid = os.fork()
+            if pid:
+                assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+                break
+            assert hooks() == start, (depth, hooks(), start)
+        else:
+            os._exit(0)
+        if depth:
+            os._exit(0)
+        """
+    )

@@ -24,7 +24,6 @@ To keep a segment after its tree is gone, create it inside `persistent()`.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
 import os
@@ -33,6 +32,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from multiprocessing import util
 from collections.abc import Iterator
 
 from grain_shm import _shm, reaper
@@ -155,22 +155,24 @@ def _unlink_owned_at_exit() -> None:
     _shm.unlink_owned()
 
 
-class _ExitCleanup:
-    """Unlink what this process still owns when it exits normally.
+def _register_exit_cleanup(*_: object) -> None:
+    """Have multiprocessing's exit handler unlink what this process still owns.
 
-    atexit covers the main interpreter. multiprocessing children leave
-    through os._exit, which skips atexit but runs multiprocessing's
-    finalizers; a fork-started worker clears the finalizers it inherited,
-    then runs its after-fork hooks, which register ours again."""
-
-    def register(self) -> None:
-        from multiprocessing import util
-
-        util.Finalize(None, _unlink_owned_at_exit, exitpriority=-100)
-        util.register_after_fork(self, _ExitCleanup.register)
+    That handler runs at the main process's exit after it has joined its
+    children and flushed its queues (which may still carry arrays it owns),
+    and in multiprocessing workers, which leave through os._exit and skip
+    atexit. Finalizers are per process: a forked multiprocessing worker
+    drops the ones it inherited, then runs its after-fork hooks, which
+    register ours again; a plain os.fork() child registers at fork."""
+    util.Finalize(None, _unlink_owned_at_exit, exitpriority=-100)
 
 
-_exit_cleanup = _ExitCleanup()
-_exit_cleanup.register()
-atexit.register(_unlink_owned_at_exit)
-os.register_at_fork(after_in_child=_exit_cleanup.register)
+def _after_fork_in_child() -> None:
+    global _reaper_lock
+    _reaper_lock = threading.Lock()  # the forking thread may have held it
+    _register_exit_cleanup()
+
+
+_register_exit_cleanup()
+util.register_after_fork(_unlink_owned_at_exit, _register_exit_cleanup)
+os.register_at_fork(after_in_child=_after_fork_in_child)
