@@ -58,10 +58,25 @@ def test_dtypes_holding_python_objects(dtype):
 
 
 def test_missing_name():
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError) as info:
         SharedMemoryArray.from_metadata(
             SharedMemoryArrayMetadata("gs_definitely_not_there", (1,), np.uint8)
         )
+    assert info.value.filename == "gs_definitely_not_there"
+
+
+def test_out_of_address_space_is_not_blamed_on_dev_shm():
+    proc = run_python(
+        """
+        import resource, numpy as np, pytest
+        from grain_shm import SharedMemoryArray
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 31, 1 << 31))
+        with pytest.raises(MemoryError) as info:
+            SharedMemoryArray((3 << 29,), np.uint8)
+        assert "address space" in str(info.value), info.value
+        assert "--shm-size" not in str(info.value)
+        """
+    )
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ import os
 cimport numpy as cnp
 from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.pyport cimport PY_SSIZE_T_MAX
-from libc.errno cimport EACCES, EEXIST, EFBIG, EINTR, ENOMEM, ENOSPC, errno
-from libc.string cimport memcpy, strlen
+from libc.errno cimport EACCES, EEXIST, EFBIG, ENOMEM, ENOSPC, errno
+from libc.string cimport memcpy
 from posix.fcntl cimport O_CREAT, O_EXCL, O_RDONLY, O_RDWR
 from posix.mman cimport (MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE,
                          shm_open, shm_unlink)
@@ -171,6 +171,15 @@ def _no_space(Py_ssize_t nbytes, int err):
     )
 
 
+def _no_address_space(Py_ssize_t nbytes):
+    """MemoryError for an mmap that failed for want of address space or map slots."""
+    return MemoryError(
+        f"cannot map {nbytes} bytes of shared memory: this process is out of "
+        "address space (RLIMIT_AS, `ulimit -v`) or of mappings "
+        "(`sysctl vm.max_map_count`); /dev/shm itself had room"
+    )
+
+
 cdef class Segment:
     """One mapping of one POSIX shared-memory segment; the base of its arrays."""
 
@@ -279,9 +288,11 @@ def create(Py_ssize_t nbytes):
         if rc != EEXIST:
             break
     if rc != 0:
-        if rc in (ENOSPC, ENOMEM, EFBIG) and stage > 0:
+        if stage == 1 and rc in (ENOSPC, ENOMEM, EFBIG):  # posix_fallocate
             raise _no_space(nbytes, rc)
-        raise_errno(rc, os.fsdecode(path[1:]) if stage > 0 else None)
+        if stage == 2 and rc == ENOMEM:  # mmap: address space, not /dev/shm
+            raise _no_address_space(nbytes)
+        raise_errno(rc, path if stage > 0 else None)
     cdef Segment seg = Segment.__new__(Segment)
     seg.addr = addr
     seg.map_size = length
@@ -305,11 +316,11 @@ def open(name, Py_ssize_t required):
             flags = O_RDONLY
             prot = PROT_READ
             fd = shm_open(cpath, O_RDONLY, 0)
-    check_rc(fd, os.fsdecode(path[1:]))
+    check_rc(fd, path)
     if fstat(fd, &st) == -1:
         err = errno
         close(fd)
-        raise_errno(err, os.fsdecode(path[1:]))
+        raise_errno(err, path)
     if not gs_is_segment(st.st_mode) or st.st_size < required:
         close(fd)
         what = "not a regular file" if not gs_is_segment(st.st_mode) else f"{st.st_size} bytes"
@@ -327,8 +338,8 @@ def open(name, Py_ssize_t required):
             err = errno
             close(fd)
             if err == ENOMEM:
-                raise MemoryError(f"cannot map {length} bytes: {os.strerror(err)}")
-            raise_errno(err, os.fsdecode(path[1:]))
+                raise _no_address_space(length)
+            raise_errno(err, path)
     close(fd)
     cdef Segment seg = Segment.__new__(Segment)
     seg.addr = addr
@@ -342,7 +353,7 @@ def open(name, Py_ssize_t required):
 def unlink(name):
     """Remove the name now; mappings of it stay valid until they are released."""
     cdef bytes path = _path_of(name)
-    check_rc(shm_unlink(path), os.fsdecode(path[1:]))
+    check_rc(shm_unlink(path), path)
 
 
 # Bounds of enable_async_release: threads are a fixed array in C; each pending
