@@ -70,9 +70,11 @@ def test_out_of_address_space_is_not_blamed_on_dev_shm():
         """
         import resource, numpy as np, pytest
         from grain_shm import SharedMemoryArray
-        resource.setrlimit(resource.RLIMIT_AS, (1 << 31, 1 << 31))
+        size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+        limit = size + (64 << 20)  # room for 64 MiB more of address space
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         with pytest.raises(MemoryError) as info:
-            SharedMemoryArray((3 << 29,), np.uint8)
+            SharedMemoryArray((256 << 20,), np.uint8)
         assert "address space" in str(info.value), info.value
         assert "--shm-size" not in str(info.value)
         """
