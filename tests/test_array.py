@@ -123,6 +123,8 @@ def test_a_private_copy_is_not_mistaken_for_shared_memory():
     copy = arr.copy()
     with pytest.raises(ValueError, match="copy"):
         copy.metadata
+    copy.unlink_on_del()  # nothing to unlink: a no-op, as in Grain
+    assert not copy._unlink_on_del
     import pickle
 
     back = pickle.loads(pickle.dumps(copy))

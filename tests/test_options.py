@@ -39,3 +39,11 @@ def test_invalid_values_name_the_field(kwargs, error, field):
         MultiprocessingOptions(**kwargs)
     with pytest.raises(error, match=field):
         dataclasses.replace(MultiprocessingOptions(), **kwargs)
+
+
+def test_numpy_values_are_accepted_as_python_ones():
+    import numpy as np
+
+    options = MultiprocessingOptions(np.int64(4), np.int32(2), np.bool_(True))
+    assert options == MultiprocessingOptions(4, 2, True)
+    assert type(options.num_workers) is int and type(options.enable_profiling) is bool

@@ -165,3 +165,15 @@ def test_dtype_metadata_survives_pickling():
     arr = SharedMemoryArray((2,), dtype)
     arr.unlink_on_del()
     assert pickle.loads(pickle.dumps(arr)).dtype.metadata == {"unit": "m"}
+
+
+class Tagged(SharedMemoryArray):
+    """A user's subclass: pickling must give it back, not the base class."""
+
+
+def test_a_subclass_pickles_as_itself():
+    arr = Tagged((4,), np.int16)
+    arr.unlink_on_del()
+    arr[:] = 5
+    back = pickle.loads(pickle.dumps(arr[1:]))
+    assert type(back) is Tagged and back.sum() == 15

@@ -92,3 +92,16 @@ def test_unlink_shm_ignores_everything_else():
     assert not os.path.exists("/dev/shm/" + name)
     with pytest.raises(FileNotFoundError):
         unlink_shm(struct)  # already gone: as Grain, an error
+
+
+def test_a_copy_that_fails_leaves_no_segment(monkeypatch):
+    before = own_entries()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "copyto", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        copy_to_shm(np.ones(1000))
+    monkeypatch.undo()
+    assert own_entries() == before

@@ -115,11 +115,13 @@ class SharedMemoryArray(np.ndarray):
         return metadata
 
     def unlink_on_del(self) -> None:
-        """Make this process unlink the name once this array and its views are gone."""
+        """Make this process unlink the name once this array and its views are gone.
+
+        On a private copy (`.copy()`, `.astype()`) there is no name: nothing
+        happens, as in Grain."""
         segment = _shm.segment_of(self)
-        if segment is None:
-            raise ValueError("this SharedMemoryArray is not in shared memory")
-        segment.mark_unlink_on_release()
+        if segment is not None:
+            segment.mark_unlink_on_release()
 
     @property
     def _unlink_on_del(self) -> bool:
@@ -170,7 +172,9 @@ class SharedMemoryArray(np.ndarray):
         name, shape, dtype, strides, offset = reference
         # A flat tuple, not a metadata object: pickling that costs more than
         # the mapping itself.
-        return _rebuild, (name, shape, _dtype_token(dtype), strides, offset)
+        args = (name, shape, _dtype_token(dtype), strides, offset)
+        cls = type(self)
+        return _rebuild, args if cls is SharedMemoryArray else args + (cls,)
 
     def __array_wrap__(
         self,
@@ -257,6 +261,7 @@ def _rebuild(
     dtype: npt.DTypeLike,
     strides: Optional[Iterable[SupportsIndex]],
     offset: SupportsIndex,
+    cls: type[SharedMemoryArray] = SharedMemoryArray,
 ) -> SharedMemoryArray:
     """Unpickle: map the sender's elements, without taking ownership."""
-    return _map(SharedMemoryArray, name, shape, dtype, strides, offset)
+    return _map(cls, name, shape, dtype, strides, offset)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 
 @dataclasses.dataclass(slots=True)
 class MultiprocessingOptions:
@@ -21,14 +23,19 @@ class MultiprocessingOptions:
     enable_profiling: bool = False
 
     def __post_init__(self) -> None:
+        # numpy's ints and bools are accepted (and stored as Python's), as
+        # values computed with numpy reach here; floats, strings and bools
+        # standing for numbers are refused.
         for field, minimum in (("num_workers", 0), ("per_worker_buffer_size", 1)):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
                 raise TypeError(f"{field} must be an int, not {type(value).__name__}")
             if value < minimum:
                 raise ValueError(f"{field} must be >= {minimum}, got {value}")
-        if not isinstance(self.enable_profiling, bool):
+            setattr(self, field, int(value))
+        if not isinstance(self.enable_profiling, (bool, np.bool_)):
             raise TypeError(
                 "enable_profiling must be a bool, not "
                 f"{type(self.enable_profiling).__name__}"
             )
+        self.enable_profiling = bool(self.enable_profiling)

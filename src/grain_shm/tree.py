@@ -51,7 +51,11 @@ def _copy_leaf(leaf: Any, min_size: int) -> Any:
     ):
         return leaf
     shared = SharedMemoryArray(leaf.shape, leaf.dtype)
-    np.copyto(shared, leaf, casting="no")
+    try:
+        np.copyto(shared, leaf, casting="no")
+    except BaseException:  # e.g. Ctrl-C during a large copy: leave nothing behind
+        shared.unlink_on_del()
+        raise
     return shared.metadata
 
 
