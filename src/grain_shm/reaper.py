@@ -53,6 +53,7 @@ PERSISTENT_RE = re.compile(r"gsk_[A-Za-z0-9_-]{12}")
 _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 TAG = 36**4
 POLL_INTERVAL = 0.05
+_HAVE_PROC = os.path.isdir("/proc/self")
 RESWEEP_AFTER = 1.0
 
 
@@ -70,14 +71,7 @@ def start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot, or None if there is
     no such live process (a zombie is dead: it has exited, only unreaped).
     Off Linux, where there is no /proc, 0 for any live process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return None
-    except OSError:
-        if os.path.isdir("/proc/self"):
-            return None
+    if not _HAVE_PROC:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -85,6 +79,11 @@ def start_time(pid: int) -> int | None:
         except PermissionError:
             pass
         return 0
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
     # The command name (field 2) may hold spaces and parentheses.
     fields = stat[stat.rindex(b")") + 2 :].split()
     if fields[0] in (b"Z", b"X", b"x"):
