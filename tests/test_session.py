@@ -12,6 +12,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import run_python
+
 from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata, reaper
 from grain_shm import session as session_mod
 
@@ -401,3 +403,27 @@ def test_the_reaper_sees_its_root_die_and_not_a_recycled_pid(monkeypatch, pidfd)
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_reaper_is_not_a_child_of_the_tree(tmp_path):
+    # Code that waits for all its children (`while True: os.wait()`) must not
+    # wait for the reaper, which lives as long as the root.
+    proc = run_python(
+        """
+        import os
+        import numpy as np
+        from grain_shm import SharedMemoryArray, session
+        arr = SharedMemoryArray((8,), np.uint8)
+        arr.unlink_on_del()
+        try:
+            os.waitpid(-1, os.WNOHANG)
+            print("has children")
+        except ChildProcessError:
+            print("no children")
+        print(session.SESSION)
+        """,
+        env={"GRAIN_SHM_SESSION": ""},  # a session of its own, with its own reaper
+    )
+    verdict, session_id = proc.stdout.strip().rsplit("\n", 1)
+    assert verdict == "no children"
+    assert wait_reapers_gone(session_id)

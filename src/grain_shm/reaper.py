@@ -186,6 +186,8 @@ def wait_for_exit(session: str) -> None:
 
 def main(argv: list[str]) -> int:
     """`reaper.py SESSION LOCK_FD`: wait for the root, sweep, sweep again, exit."""
+    if os.fork():  # the launcher exits; the reaper goes on as init's child
+        os._exit(0)
     session, lock_fd = argv[1], int(argv[2])
     lock = socket.socket(fileno=lock_fd)  # held until this process exits
     # The tree's Ctrl-C, hang-up or stop signal (systemd sends SIGTERM to the

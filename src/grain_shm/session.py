@@ -74,7 +74,6 @@ _shm.set_name_prefix(SESSION_PREFIX)
 # Checked by SharedMemoryArray.__new__ before every creation; a forked child
 # inherits True, which is right: it belongs to the same session.
 reaper_started = False
-_reaper_process: subprocess.Popen[bytes] | None = None  # kept so it is neither collected nor warned about
 _reaper_lock = threading.Lock()
 
 
@@ -84,7 +83,7 @@ def start_reaper() -> None:
     The socket the reaper holds is bound here first, so of two members that
     get here at once only one starts a reaper. If the root has died already,
     the reaper sweeps at once."""
-    global reaper_started, _reaper_process
+    global reaper_started
     with _reaper_lock:
         if reaper_started:
             return
@@ -103,8 +102,10 @@ def start_reaper() -> None:
                 warnings.warn(f"grain_shm: cannot start the session reaper: {e}")
             return  # EADDRINUSE: a reaper runs for this session
         try:
-            _reaper_process = subprocess.Popen(
-                [sys.executable, "-I", reaper.__file__, SESSION, str(lock.fileno())],
+            launcher = subprocess.Popen(
+                # -S: the reaper needs only the standard library, and site
+                # imports (.pth files) can cost tens of ms.
+                [sys.executable, "-I", "-S", reaper.__file__, SESSION, str(lock.fileno())],
                 pass_fds=(lock.fileno(),),
                 start_new_session=True,  # a Ctrl-C to the tree does not reach it
                 stdin=subprocess.DEVNULL,
@@ -112,6 +113,10 @@ def start_reaper() -> None:
                 stderr=subprocess.DEVNULL,
                 cwd="/",
             )
+            # The launcher forks the reaper and exits at once, so the reaper is
+            # not our child: a `while os.wait()` loop, or a tool that waits for
+            # all children, never waits for it.
+            launcher.wait()
         except OSError as e:
             warnings.warn(
                 f"grain_shm: cannot start the session reaper ({e}); segments left "
