@@ -151,7 +151,10 @@ def test_every_dtype_crosses_a_spawned_process():
 def test_dtypes_other_packages_register_keep_their_identity():
     # numpy's own test dtype, registered like ml_dtypes' bfloat16: its .str is
     # "<V8", which would rebuild as raw bytes.
-    rational = pytest.importorskip("numpy._core._rational_tests").rational
+    try:
+        from numpy._core._rational_tests import rational
+    except ImportError:  # numpy 1.x
+        rational = pytest.importorskip("numpy.core._rational_tests").rational
     arr = SharedMemoryArray((3,), rational)
     arr.unlink_on_del()
     arr[:] = [rational(1, 2), rational(2, 3), rational(3, 4)]
