@@ -196,3 +196,26 @@ def test_a_shape_numpy_rejects_after_the_segment_exists_leaves_nothing():
     with pytest.raises(ValueError, match="dimension"):
         SharedMemoryArray((1,) * 65, np.uint8)
     assert own_entries() == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_someone_elses_read_only_segment_opens_read_only():
+    arr = SharedMemoryArray((16,), np.uint8)
+    arr.unlink_on_del()
+    arr[:] = 7
+    name = arr.metadata.name
+    os.chmod(f"/dev/shm/{name}", 0o644)
+    run_python(
+        f"""
+        import os, numpy as np, pytest
+        from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata
+        os.setuid(65534)  # nobody: may read the segment, not write it
+        arr = SharedMemoryArray.from_metadata(
+            SharedMemoryArrayMetadata({name!r}, (16,), np.uint8))
+        assert int(arr.sum()) == 7 * 16
+        assert not arr.flags.writeable
+        with pytest.raises(ValueError):
+            arr[0] = 1
+        """,
+        env={"GRAIN_SHM_SESSION": ""},
+    )

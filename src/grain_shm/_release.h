@@ -8,7 +8,7 @@
  *
  * The deleter (enable_async_del) defers releases to a few pthreads that
  * never touch Python, so the last `del` of an array costs a queue push
- * instead of munmap + shm_unlink.  See the comment above `gs_deleter`.
+ * instead of munmap + shm_unlink.  See the comment above `gs_del`.
  *
  * The at-fork handlers are plain C because a forked child may run without
  * the GIL, or exec at once.

@@ -306,14 +306,12 @@ def open(name, Py_ssize_t required):
     cdef bytes path = _path_of(name)
     cdef const char *cpath = path
     cdef int fd
-    cdef int flags = O_RDWR
     cdef int prot = PROT_READ | PROT_WRITE
     cdef struct_stat st
     cdef void *addr = NULL
     with nogil:
         fd = shm_open(cpath, O_RDWR, 0)
-        if fd < 0 and errno == EACCES:
-            flags = O_RDONLY
+        if fd < 0 and errno == EACCES:  # someone else's 0644 segment: read it
             prot = PROT_READ
             fd = shm_open(cpath, O_RDONLY, 0)
     check_rc(fd, path)
@@ -321,9 +319,10 @@ def open(name, Py_ssize_t required):
         err = errno
         close(fd)
         raise_errno(err, path)
-    if not gs_is_segment(st.st_mode) or st.st_size < required:
+    cdef bint is_segment = gs_is_segment(st.st_mode)
+    if not is_segment or st.st_size < required:
         close(fd)
-        what = "not a regular file" if not gs_is_segment(st.st_mode) else f"{st.st_size} bytes"
+        what = f"{st.st_size} bytes" if is_segment else "not a regular file"
         raise ValueError(
             f"shared memory {os.fsdecode(path[1:])!r} is {what}, but the "
             f"array needs {required} bytes: the metadata does not match the segment"

@@ -28,9 +28,11 @@ dies and which leaves nothing on disk. The member that binds it first
 passes it to the reaper it starts (see session.start_reaper); the others see
 EADDRINUSE and start nothing.
 
-This file runs as a bare script (`python -I reaper.py SESSION FD`) so the
-reaper does not import numpy or the extension: standard library only. The
-session and admin modules import its helpers.
+This file runs as a bare script (`python -I -S reaper.py SESSION FD`) so
+the reaper imports neither numpy, the extension nor site's .pth files:
+standard library only. It forks at once and the launched process exits, so
+the reaper is init's child, not the tree's. The session and admin modules
+import its helpers.
 """
 
 from __future__ import annotations
