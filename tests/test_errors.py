@@ -66,7 +66,7 @@ def test_missing_name():
 
 
 def test_out_of_address_space_is_not_blamed_on_dev_shm():
-    proc = run_python(
+    run_python(
         """
         import resource, numpy as np, pytest
         from grain_shm import SharedMemoryArray

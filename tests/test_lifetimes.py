@@ -232,8 +232,6 @@ def test_an_owned_array_still_in_a_queue_at_exit_reaches_the_child():
 
 
 def test_forks_do_not_pile_up_exit_hooks():
-    from multiprocessing import util
-
     run_python(
         """
         import os

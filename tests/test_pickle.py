@@ -1,5 +1,6 @@
 """Pickling sends a reference: the same elements over the same memory."""
 
+import contextlib
 import multiprocessing as mp
 import pickle
 
@@ -68,6 +69,23 @@ def test_dropping_the_unpickled_array_does_not_unlink():
     assert os.path.exists("/dev/shm/" + name)
 
 
+@contextlib.contextmanager
+def spawned_child(target):
+    """A `spawn`ed child running target(queue, results); joined (or killed)
+    on the way out, so a failing child never hangs the test."""
+    ctx = mp.get_context("spawn")
+    queue, results = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=target, args=(queue, results))
+    child.start()
+    try:
+        yield queue, results
+    finally:
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+
+
 def _child_checks_views(queue, results):
     try:
         checked = 0
@@ -84,33 +102,25 @@ def _child_checks_views(queue, results):
 
 
 def test_views_cross_a_spawned_process():
-    ctx = mp.get_context("spawn")
-    queue, results = ctx.Queue(), ctx.Queue()
-    child = ctx.Process(target=_child_checks_views, args=(queue, results))
-    child.start()
-    arrays = []
-    try:
+    views = []
+    with spawned_child(_child_checks_views) as (queue, results):
         for view_name, make in VIEWS.items():
             arr = SharedMemoryArray((8, 7), np.int32)
             arr.unlink_on_del()
             arr[...] = np.arange(56).reshape(8, 7)
-            view = make(arr)
+            view = make(arr)  # keeps arr's segment alive
             queue.put((view_name, view, np.array(view)))
-            arrays.append((arr, view))
+            views.append(view)
         queue.put(None)
         status, detail = results.get(timeout=60)
-    finally:
-        child.join(timeout=60)
-        if child.is_alive():
-            child.kill()
     assert status == "ok", detail
-    assert detail == len(arrays)
-    for arr, view in arrays:
+    assert detail == len(views)
+    for view in views:
         if view.size:
             assert view[(0,) * view.ndim] == 99
 
 
-def _child_echoes_checksums(queue, results):
+def _child_echoes_bytes(queue, results):
     try:
         while (arr := queue.get()) is not None:
             assert isinstance(arr, SharedMemoryArray)
@@ -123,13 +133,9 @@ def _child_echoes_checksums(queue, results):
 def test_every_dtype_crosses_a_spawned_process():
     from test_array import DTYPES
 
-    ctx = mp.get_context("spawn")
-    queue, results = ctx.Queue(), ctx.Queue()
-    child = ctx.Process(target=_child_echoes_checksums, args=(queue, results))
-    child.start()
+    rng = np.random.default_rng(1)
     sent = []
-    try:
-        rng = np.random.default_rng(1)
+    with spawned_child(_child_echoes_bytes) as (queue, results):
         for dtype in DTYPES:
             arr = SharedMemoryArray((3, 5), dtype)
             arr.unlink_on_del()
@@ -138,14 +144,8 @@ def test_every_dtype_crosses_a_spawned_process():
             sent.append(arr)
         queue.put(None)
         for arr in sent:
-            got = results.get(timeout=60)
-            assert got == (str(arr.dtype), arr.shape, arr.tobytes())
+            assert results.get(timeout=60) == (str(arr.dtype), arr.shape, arr.tobytes())
         assert results.get(timeout=60) is None
-    finally:
-        child.join(timeout=60)
-        if child.is_alive():
-            child.kill()
-    assert child.exitcode == 0
 
 
 def test_dtypes_other_packages_register_keep_their_identity():
