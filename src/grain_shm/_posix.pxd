@@ -1,4 +1,6 @@
-# C declarations that Cython's own posix/*.pxd lack or get wrong across platforms.
+# C declarations that Cython's own posix/*.pxd lack or get wrong across platforms,
+# and those of the core's own C: release (_release.h) and the pool (_pool.h).
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from posix.types cimport mode_t, off_t
 
 cdef extern from "_compat.h" nogil:
@@ -12,7 +14,8 @@ cdef extern from "_release.h" nogil:
     ctypedef struct gs_owner:
         pass
     int gs_release_init()
-    void gs_owner_add(gs_owner *owner, const char *path)
+    unsigned long gs_generation  # changes in a forked child
+    void gs_owner_add(gs_owner *owner, const char *path, gs_block *block)
     int gs_owner_is_mine(const gs_owner *owner)
     int gs_owner_take(gs_owner *owner)
     void gs_unlink_owned()
@@ -35,3 +38,44 @@ cdef extern from "_release.h" nogil:
     void gs_deleter_stop()
     void gs_deleter_hold(int on)
     void gs_deleter_stats_get(gs_deleter_stats *out)
+
+# The pool: arenas of blocks in shared memory, each block a word of atomics.
+cdef extern from "_pool.h" nogil:
+    ctypedef struct gs_block:
+        uint64_t word
+        uint64_t nbytes
+    ctypedef struct gs_arena:
+        uint32_t nblocks
+        uint64_t block_bytes
+        uint64_t data_start
+        uint64_t arena_bytes
+        int64_t owner_pid
+        uint32_t owner_gone
+        uint32_t retired
+        uint64_t remote_frees
+        gs_block blocks[1]
+    ctypedef struct gs_blockref:
+        gs_blockref *next
+        gs_block *block
+        void *arena
+    enum: GS_MIN_BLOCK_SHIFT
+    int gs_size_class(uint64_t nbytes)
+    uint64_t gs_remote_frees(gs_arena *a)
+    bint GS_IS_FREE(uint64_t word)
+    uint32_t GS_GEN(uint64_t word)
+    uint64_t gs_word(const gs_block *b)
+    uint64_t gs_arena_data_start(uint32_t nblocks, uint64_t page)
+    void gs_arena_init(gs_arena *a, uint32_t nblocks, uint64_t block_bytes,
+                       uint64_t data_start, uint64_t arena_bytes, int64_t pid)
+    bint gs_arena_valid(const gs_arena *a, uint64_t size)
+    uint32_t gs_block_take(gs_block *b, uint64_t nbytes)
+    int gs_block_acquire(gs_block *b, uint32_t gen)
+    bint gs_block_release(gs_block *b, bint unlink)
+    int gs_block_unlink(gs_block *b, uint32_t gen)
+    bint gs_arena_all_free(gs_arena *a, uint32_t nblocks)
+    bint gs_arena_retire(gs_arena *a)
+    bint gs_arena_freed_remotely(gs_arena *a, uint32_t nblocks)
+    bint gs_arena_abandon(gs_arena *a, uint32_t nblocks)
+    void gs_blockref_add(gs_blockref *r, gs_block *block, void *arena)
+    gs_block *gs_blockref_take(gs_blockref *r)
+    gs_blockref *gs_blockrefs_first()

@@ -25,25 +25,30 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "_pool.h"
+
 typedef struct gs_owner {
     struct gs_owner *prev;
     struct gs_owner *next;
     const char *path;         /* "/name", owned by the segment object */
+    gs_block *block;          /* a pool block: unlinking clears its linked bit */
     unsigned long generation; /* 0: not owned */
 } gs_owner;
 
-static gs_owner gs_owners = {&gs_owners, &gs_owners, NULL, 0};
+static gs_owner gs_owners = {&gs_owners, &gs_owners, NULL, NULL, 0};
 static unsigned long gs_generation = 1;
 
 static void gs_owners_reset(void) {
     gs_owners.prev = gs_owners.next = &gs_owners;
 }
 
-/* Mark `o` owned by this process; idempotent. */
-static void gs_owner_add(gs_owner *o, const char *path) {
+/* Mark `o` owned by this process; idempotent.  `block`: NULL for a
+ * segment of its own, else the pool block whose "name" `o` owns. */
+static void gs_owner_add(gs_owner *o, const char *path, gs_block *block) {
     if (o->generation == gs_generation) return;
     o->generation = gs_generation;
     o->path = path;
+    o->block = block;
     o->next = gs_owners.next;
     o->prev = &gs_owners;
     gs_owners.next->prev = o;
@@ -70,7 +75,10 @@ static void gs_unlink_owned(void) {
     gs_owner *o = gs_owners.next;
     while (o != &gs_owners) {
         gs_owner *next = o->next;
-        shm_unlink(o->path);
+        if (o->block != NULL)
+            gs_block_unlink_held(o->block);
+        else
+            shm_unlink(o->path);
         o->prev = o->next = o;
         o->generation = 0;
         o = next;
@@ -373,6 +381,7 @@ static void gs_deleter_stats_get(gs_deleter_stats *out) {
 
 /* fork(): hold both locks across it, with nothing in flight. */
 static void gs_atfork_prepare(void) {
+    gs_blockrefs_atfork_prepare();
     pthread_mutex_lock(&gs_del.ctl);
     pthread_mutex_lock(&gs_del.mu);
     gs_del.forking = 1;

@@ -2,14 +2,17 @@
 
 The array's memory is a `Segment` of the core, reachable through `arr.base`,
 so every view keeps the mapping alive and the last one to die releases it.
-Pickling sends a reference (name, shape, dtype, strides, byte offset), never
-the bytes: a view arrives as the same elements over the same memory.
+Pickling sends a reference (name, shape, dtype, strides, byte offset, and
+for a pool block its index and generation), never the bytes: a view arrives
+as the same elements over the same memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import operator
+import os
+import warnings
 from typing import Any, Iterable, Optional, SupportsIndex, Tuple
 
 import numpy as np
@@ -26,7 +29,9 @@ class SharedMemoryArrayMetadata:
     """What a process needs to map an array another process put in shared memory.
 
     `strides` is None for a C-contiguous array; `offset` is the byte offset of
-    the first element from the start of the segment.
+    the first element from the start of the segment. `block` is None for an
+    array in a segment of its own, else the (index, generation) of its block
+    in the pool arena `name` (see `SharedMemoryArray.enable_recycling`).
     """
 
     name: str
@@ -34,10 +39,15 @@ class SharedMemoryArrayMetadata:
     dtype: npt.DTypeLike
     strides: Optional[Tuple[int, ...]] = None
     offset: int = 0
+    block: Optional[Tuple[int, int]] = None
 
     def close_and_unlink_shm(self) -> None:
         """Remove the segment's name; processes that map it keep their mappings."""
-        _shm.unlink(self.name)
+        block = getattr(self, "block", None)  # Grain's metadata has none
+        if block is None:
+            _shm.unlink(self.name)
+        else:
+            _shm.unlink_block(self.name, *block)
 
 
 def _check_dtype(dtype: npt.DTypeLike) -> np.dtype:
@@ -58,17 +68,18 @@ def _count(name: str, value: Any, limit: int) -> int:
     return int(value)
 
 
-def _extent(
+def _span(
     shape: Tuple[int, ...], strides: Tuple[int, ...], itemsize: int, offset: int
-) -> int:
-    """Bytes of the segment the elements reach; ValueError if any lies before it."""
+) -> Tuple[int, int]:
+    """The bytes [low, high) of the segment the elements reach; ValueError if
+    any lies before it."""
     if 0 in shape:
-        return offset
+        return offset, offset
     low = offset + sum((n - 1) * s for n, s in zip(shape, strides) if s < 0)
     high = offset + sum((n - 1) * s for n, s in zip(shape, strides) if s > 0)
     if low < 0:
         raise ValueError(f"offset {offset} and strides {strides} reach before the segment")
-    return high + itemsize
+    return low, high + itemsize
 
 
 class SharedMemoryArray(np.ndarray):
@@ -84,7 +95,8 @@ class SharedMemoryArray(np.ndarray):
         shape, nbytes = _shm.layout(shape, dtype.itemsize)
         if not session.reaper_started:  # the only per-array cost of sessions
             session.start_reaper()
-        segment = _shm.create(nbytes)
+        # Inside session.persistent() a name must outlive the session: no pool.
+        segment = _shm.create(nbytes, session._persistent_depth == 0)
         try:
             return np.ndarray.__new__(cls, shape, dtype, buffer=segment)
         except BaseException:  # e.g. too many dimensions: leave nothing behind
@@ -99,8 +111,9 @@ class SharedMemoryArray(np.ndarray):
             metadata.name,
             metadata.shape,
             metadata.dtype,
-            getattr(metadata, "strides", None),  # Grain's metadata has neither
+            getattr(metadata, "strides", None),  # Grain's metadata has none of these
             getattr(metadata, "offset", 0),
+            getattr(metadata, "block", None),
         )
 
     @property
@@ -165,15 +178,46 @@ class SharedMemoryArray(np.ndarray):
         """Finish pending releases and stop the threads (Grain's tests call it)."""
         _shm.stop_async_release()
 
+    @classmethod
+    def enable_recycling(cls, max_bytes: Optional[int] = None) -> None:
+        """Take new arrays from a pool of recycled shared memory, in this process.
+
+        A fresh segment costs about ten system calls and a page fault per
+        4 KiB page, the first time its memory is touched; the pool's memory is
+        faulted in once, and reused. Each new array is a block of an arena
+        (a segment the pool carved up); its metadata names the arena and the
+        block. Everything else behaves as with a segment of its own: a block
+        is reused only after it has been unlinked (`unlink_on_del()`,
+        `close_and_unlink_shm()`) and no process maps it any more, and a
+        stale reference raises FileNotFoundError. Receivers need not enable
+        anything: they map each arena once and keep it mapped.
+
+        `max_bytes` bounds this process's arenas (default: a quarter of
+        /dev/shm). Past it, and for arrays larger than an arena may be, arrays
+        get fresh segments as before. Arenas idle for two seconds are
+        returned to the system. Setting GRAIN_SHM_RECYCLE=1 (or a byte count)
+        in the environment turns it on at import, in every process that
+        inherits it.
+        """
+        _shm.enable_pool(_default_pool_bytes() if max_bytes is None else _count(
+            "max_bytes", max_bytes, 1 << 62))
+
+    @classmethod
+    def _disable_recycling(cls) -> None:
+        """New arrays get fresh segments again (for tests); live blocks stay valid."""
+        _shm.disable_pool()
+
     def __reduce_ex__(self, protocol: Any) -> Any:
         reference = _reference(self)
         if reference is None:  # a private copy: send the bytes
             return self.view(np.ndarray).__reduce_ex__(protocol)
-        name, shape, dtype, strides, offset = reference
+        name, shape, dtype, strides, offset, block = reference
         # A flat tuple, not a metadata object: pickling that costs more than
         # the mapping itself.
         args = (name, shape, _dtype_token(dtype), strides, offset)
         cls = type(self)
+        if block is not None:
+            return _rebuild_block, args + block + ((cls,) if cls is not SharedMemoryArray else ())
         return _rebuild, args if cls is SharedMemoryArray else args + (cls,)
 
     def __array_wrap__(
@@ -214,14 +258,20 @@ def _dtype_token(dtype: np.dtype) -> str | np.dtype:
     return dtype
 
 
-def _reference(arr: np.ndarray) -> Optional[Tuple[str, Tuple[int, ...], np.dtype, Optional[Tuple[int, ...]], int]]:
-    """(name, shape, dtype, strides, offset) of `arr`'s elements if they are
-    in a segment, else None. strides is None for C order."""
+_Reference = Tuple[
+    str, Tuple[int, ...], np.dtype, Optional[Tuple[int, ...]], int, Optional[Tuple[int, int]]
+]
+
+
+def _reference(arr: np.ndarray) -> Optional[_Reference]:
+    """(name, shape, dtype, strides, offset, block) of `arr`'s elements if they
+    are in a segment, else None. strides is None for C order."""
     segment = _shm.segment_of(arr)
     if segment is None:
         return None
     strides = None if arr.flags.c_contiguous else arr.strides
-    return segment.name, arr.shape, arr.dtype, strides, _shm.data_offset(arr, segment)
+    return (segment.name, arr.shape, arr.dtype, strides,
+            _shm.data_offset(arr, segment), segment.block)
 
 
 def _metadata_of(arr: np.ndarray) -> Optional[SharedMemoryArrayMetadata]:
@@ -237,22 +287,69 @@ def _map(
     dtype: npt.DTypeLike,
     strides: Optional[Iterable[SupportsIndex]],
     offset: SupportsIndex,
+    block: Optional[Tuple[SupportsIndex, SupportsIndex]] = None,
 ) -> SharedMemoryArray:
-    """Map the elements a reference describes; checks it against the segment."""
+    """Map the elements a reference describes; checks it against the segment
+    (or the block)."""
     dtype = _check_dtype(dtype)
     shape, nbytes = _shm.layout(shape, dtype.itemsize)
     offset = operator.index(offset)
     if offset < 0:
         raise ValueError(f"negative offset: {offset}")
     if strides is None:
-        needed = offset + nbytes
+        low, high = offset, offset + nbytes
     else:
         strides = tuple(operator.index(s) for s in strides)
         if len(strides) != len(shape):
             raise ValueError(f"strides {strides} do not match shape {shape}")
-        needed = _extent(shape, strides, dtype.itemsize, offset)
-    segment = _shm.open(name, needed)
+        low, high = _span(shape, strides, dtype.itemsize, offset)
+    if block is None:
+        segment = _shm.open(name, high)
+    else:
+        index, generation = block
+        segment = _shm.open_block(name, operator.index(index), operator.index(generation), low, high)
+        offset -= segment.origin
     return np.ndarray.__new__(cls, shape, dtype, buffer=segment, offset=offset, strides=strides)
+
+
+def _rebuild_block(
+    name: str,
+    shape: SupportsIndex | Iterable[SupportsIndex],
+    dtype: npt.DTypeLike,
+    strides: Optional[Iterable[SupportsIndex]],
+    offset: SupportsIndex,
+    index: SupportsIndex,
+    generation: SupportsIndex,
+    cls: type[SharedMemoryArray] = SharedMemoryArray,
+) -> SharedMemoryArray:
+    """Unpickle an array in a pool block: map its arena (once), take a reference."""
+    return _map(cls, name, shape, dtype, strides, offset, (index, generation))
+
+
+def _default_pool_bytes() -> int:
+    """A quarter of /dev/shm: room for the pool without starving fresh segments."""
+    try:
+        st = os.statvfs(_shm.SHM_DIR)
+        total = st.f_blocks * st.f_frsize
+    except OSError:
+        total = 0
+    return max(total // 4, 16 << 20)
+
+
+def _recycling_from_environment() -> None:
+    """GRAIN_SHM_RECYCLE: "1" (the default bound) or a byte count turns the pool
+    on at import; "0" or "" leaves it off."""
+    value = os.environ.get("GRAIN_SHM_RECYCLE", "").strip()
+    if value in ("", "0"):
+        return
+    try:
+        max_bytes = None if value.lower() in ("1", "true", "yes", "on") else int(value)
+        SharedMemoryArray.enable_recycling(max_bytes)
+    except (TypeError, ValueError):
+        warnings.warn(
+            f"grain_shm: GRAIN_SHM_RECYCLE={value!r} is neither 1 nor a byte count; "
+            "recycling stays off"
+        )
 
 
 def _rebuild(
@@ -265,3 +362,6 @@ def _rebuild(
 ) -> SharedMemoryArray:
     """Unpickle: map the sender's elements, without taking ownership."""
     return _map(cls, name, shape, dtype, strides, offset)
+
+
+_recycling_from_environment()

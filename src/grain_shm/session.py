@@ -158,6 +158,7 @@ def persistent() -> Iterator[None]:
 def _unlink_owned_at_exit() -> None:
     _shm.stop_async_release()  # pending releases first: their names are no longer owned
     _shm.unlink_owned()
+    _shm.pool_at_exit()  # then this process's block references, and its arenas
 
 
 def _register_exit_cleanup(*_: object) -> None:
