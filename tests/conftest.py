@@ -1,5 +1,6 @@
 """Shared fixtures: every test must leave /dev/shm as it found it."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -9,9 +10,11 @@ import time
 
 import pytest
 
-from grain_shm import session
+from grain_shm import _shm, session
+from _names import RECYCLING
 
 SHM_DIR = "/dev/shm"
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def shm_entries():
@@ -24,14 +27,19 @@ def shm_entries():
 def own_entries():
     """Entries of this test run: its session's segments (children inherit the
     session). Other processes may share /dev/shm; their entries are not ours
-    to judge or remove."""
+    to judge or remove. With the pool on, this process's arenas that hold no
+    array are returned first: what stays is what is in use."""
+    if RECYCLING:
+        gc.collect()
+        _shm.pool_trim(0.0)
     prefix = session.name_prefix()
     return {name for name in shm_entries() if name.startswith(prefix)}
 
 
 @pytest.fixture(autouse=True)
 def no_leaked_segments():
-    """Fail any test that leaves a segment of its own in /dev/shm."""
+    """Fail any test that leaves a segment of its own in /dev/shm (with the
+    pool on: an arena that holds an array the test left)."""
     before = own_entries()
     yield
     deadline = time.monotonic() + 5.0
@@ -48,11 +56,26 @@ def no_leaked_segments():
     assert not leaked, f"test left segments in {SHM_DIR}: {sorted(leaked)}"
 
 
+@pytest.fixture
+def fresh_segments():
+    """The pool off while the test runs, whatever GRAIN_SHM_RECYCLE says: for
+    tests about a segment of its own (its file's size or mode, as another
+    program could change them; blocks share their arena's file)."""
+    limit = _shm.pool_stats()["max_bytes"]
+    _shm.disable_pool()
+    yield
+    if limit:
+        _shm.enable_pool(limit)
+
+
 def run_python(code, *, timeout=120, env=None, check=True, args=()):
     """Run `code` as a script in a fresh interpreter (a file, so that
     multiprocessing's spawn can re-import its __main__); a crash (signal) is a
     test failure."""
     full_env = dict(os.environ)
+    # The child can import tests/_names.py (exists() in both modes).
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (TESTS_DIR, full_env.get("PYTHONPATH")) if p)
     if env:
         full_env.update(env)
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,8 +12,7 @@ from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata
 SHM = "/dev/shm"
 
 
-def exists(name):
-    return os.path.exists(os.path.join(SHM, name))
+from _names import RECYCLING, exists
 
 
 def owned(shape, dtype=float):
@@ -79,10 +78,15 @@ def test_zero_itemsize_dtype():
 def test_metadata_is_grains_triple_plus_view_geometry():
     arr = owned((2, 3), np.int16)
     md = arr.metadata
-    assert (md.name, md.shape, md.dtype) == (md.name, (2, 3), np.int16)
-    assert exists(md.name)
-    assert md.strides is None and md.offset == 0
-    positional = SharedMemoryArrayMetadata(md.name, (2, 3), np.int16)
+    assert (md.shape, md.dtype) == ((2, 3), np.int16)
+    assert exists(md)
+    assert md.strides is None
+    if RECYCLING:  # a pool block: its place in the arena, and which block
+        assert md.offset > 0 and md.block is not None
+        positional = SharedMemoryArrayMetadata(md.name, (2, 3), np.int16, None, md.offset, md.block)
+    else:  # Grain's triple, as Grain spells it
+        assert md.offset == 0 and md.block is None
+        positional = SharedMemoryArrayMetadata(md.name, (2, 3), np.int16)
     assert positional == md
     with pytest.raises(dataclass_frozen_error()):
         md.name = "other"
@@ -113,7 +117,7 @@ def test_basic_views_stay_shared_and_know_their_place():
     view = arr[1:3, ::2]
     assert type(view) is SharedMemoryArray
     md = view.metadata
-    assert md.name == arr.metadata.name and md.offset == 5 * 4
+    assert md.name == arr.metadata.name and md.offset == arr.metadata.offset + 5 * 4
     np.testing.assert_array_equal(SharedMemoryArray.from_metadata(md), view)
 
 
@@ -134,7 +138,7 @@ def test_a_private_copy_is_not_mistaken_for_shared_memory():
 def test_view_outlives_the_array_and_keeps_the_segment():
     arr = owned((1000,), np.float64)
     arr[:] = 3.0
-    name = arr.metadata.name
+    name = arr.metadata
     view = arr[10:20]
     del arr
     gc.collect()
@@ -147,7 +151,7 @@ def test_view_outlives_the_array_and_keeps_the_segment():
 
 def test_dropping_a_view_never_releases_what_others_use():
     arr = owned((100,), np.uint8)
-    name = arr.metadata.name
+    name = arr.metadata
     for _ in range(50):
         view = arr[::3]
         view[:] = 1
@@ -162,19 +166,19 @@ def test_without_unlink_on_del_the_segment_stays_for_the_receiver():
     md = arr.metadata
     del arr
     gc.collect()
-    assert exists(md.name)
+    assert exists(md)
     received = SharedMemoryArray.from_metadata(md)
     assert received.sum() == 32 and not received._unlink_on_del
     received.unlink_on_del()
     del received
-    assert not exists(md.name)
+    assert not exists(md)
 
 
 def test_reopened_array_does_not_own_the_name():
     arr = owned((8,), np.int8)
     other = SharedMemoryArray.from_metadata(arr.metadata)
     assert not other._unlink_on_del
-    name = arr.metadata.name
+    name = arr.metadata
     del other
     gc.collect()
     assert exists(name)
@@ -191,10 +195,12 @@ def test_no_file_descriptor_stays_open_per_array():
 def test_stdlib_opens_our_segments():
     arr = owned((16,), np.int32)
     arr[:] = np.arange(16)
-    shm = shared_memory.SharedMemory(name=arr.metadata.name)
+    md = arr.metadata  # a pool block is at its offset in the arena
+    shm = shared_memory.SharedMemory(name=md.name)
     try:
         resource_tracker.unregister(shm._name, "shared_memory")
-        np.testing.assert_array_equal(np.ndarray((16,), np.int32, buffer=shm.buf), arr)
+        np.testing.assert_array_equal(
+            np.ndarray((16,), np.int32, buffer=shm.buf, offset=md.offset), arr)
     finally:
         shm.close()
 
@@ -216,8 +222,10 @@ def test_we_open_segments_the_stdlib_made():
 
 
 def test_names_are_short_random_and_portable():
-    names = {owned((1,)).metadata.name for _ in range(200)}
-    assert len(names) == 200
+    arrays = [owned((1,)) for _ in range(200)]
+    # Every array its own name; with the pool, its own block of an arena.
+    assert len({(a.metadata.name, a.metadata.block) for a in arrays}) == 200
+    names = {a.metadata.name for a in arrays}
     for name in names:
         assert len(name) + 1 <= 30
         assert all(c.isalnum() or c in "_.-" for c in name)

@@ -100,27 +100,29 @@ def test_metadata_larger_than_segment_is_an_error_not_a_sigbus():
         from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata
         arr = SharedMemoryArray((100,), np.uint8)
         arr.unlink_on_del()
-        name = arr.metadata.name
+        # Offsets from where the array starts: 0 for a segment of its own,
+        # its block's place in the arena with the pool on.
+        name, at, block = arr.metadata.name, arr.metadata.offset, arr.metadata.block
         cases = [
-            SharedMemoryArrayMetadata(name, (101,), np.uint8),
-            SharedMemoryArrayMetadata(name, (4096 * 4,), np.float64),
-            SharedMemoryArrayMetadata(name, (10,), np.uint8, None, 95),
-            SharedMemoryArrayMetadata(name, (10,), np.uint8, (20,), 0),
-            SharedMemoryArrayMetadata(name, (10,), np.uint8, (-1,), 5),
+            SharedMemoryArrayMetadata(name, (101,), np.uint8, None, at, block),
+            SharedMemoryArrayMetadata(name, (4096 * 4,), np.float64, None, at, block),
+            SharedMemoryArrayMetadata(name, (10,), np.uint8, None, at + 95, block),
+            SharedMemoryArrayMetadata(name, (10,), np.uint8, (20,), at, block),
+            SharedMemoryArrayMetadata(name, (10,), np.uint8, (-1,), at + 5, block),
         ]
         for md in cases:
             with pytest.raises(ValueError):
                 SharedMemoryArray.from_metadata(md)
         # The largest geometry that does fit still works.
         ok = SharedMemoryArray.from_metadata(
-            SharedMemoryArrayMetadata(name, (10,), np.uint8, (-10,), 99))
+            SharedMemoryArrayMetadata(name, (10,), np.uint8, (-10,), at + 99, block))
         ok[0] = 1
         assert arr[99] == 1
         """
     )
 
 
-def test_short_segment_made_elsewhere():
+def test_short_segment_made_elsewhere(fresh_segments):
     # A segment truncated behind our back (e.g. by another library).
     arr = SharedMemoryArray((4096,), np.uint8)
     arr.unlink_on_del()
@@ -199,7 +201,7 @@ def test_a_shape_numpy_rejects_after_the_segment_exists_leaves_nothing():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
-def test_someone_elses_read_only_segment_opens_read_only():
+def test_someone_elses_read_only_segment_opens_read_only(fresh_segments):
     arr = SharedMemoryArray((16,), np.uint8)
     arr.unlink_on_del()
     arr[:] = 7

@@ -38,7 +38,7 @@ from grain_shm._posix cimport (GS_MAX_THREADS, GS_MIN_BLOCK_SHIFT, MAP_POPULATE,
                                gs_block_take, gs_block_unlink, gs_blockref,
                                gs_blockref_add, gs_blockref_take,
                                gs_blockrefs_first, gs_generation, gs_remote_frees,
-                               gs_size_class, gs_word, GS_IS_FREE,
+                               gs_size_class, gs_word, GS_GEN, GS_IS_FREE,
                                gs_deleter_enable,
                                gs_deleter_hold, gs_deleter_push, gs_deleter_stats,
                                gs_deleter_stats_get, gs_deleter_stop, gs_is_segment,
@@ -407,6 +407,20 @@ cdef int _create(char *path, size_t length, void **addr, int *stage) noexcept no
     return rc
 
 
+cdef int _create_named(char *path, size_t length, void **addr, int *stage) noexcept:
+    """_create under a fresh name, retried while the name is taken. GIL held."""
+    cdef int rc = EEXIST, attempt
+    for attempt in range(CREATE_ATTEMPTS):
+        rc = _new_path(path)
+        if rc != 0:
+            return rc
+        with nogil:
+            rc = _create(path, length, addr, stage)
+        if rc != EEXIST:
+            break
+    return rc
+
+
 def create(Py_ssize_t nbytes, bint recycle=True):
     """A new segment of `nbytes` bytes under a fresh, unguessable name, or a
     block of the pool if it is on, `recycle` is true and the pool has room."""
@@ -421,16 +435,10 @@ def create(Py_ssize_t nbytes, bint recycle=True):
     cdef size_t length = nbytes if nbytes > 0 else 1
     cdef void *addr = NULL
     cdef int stage = 0
-    cdef int rc = EEXIST
-    cdef int attempt
-    for attempt in range(CREATE_ATTEMPTS):
-        rc = _new_path(path)
-        if rc != 0:
-            break
-        with nogil:
-            rc = _create(path, length, &addr, &stage)
-        if rc != EEXIST:
-            break
+    cdef int rc = _create_named(path, length, &addr, &stage)
+    if rc in (ENOSPC, ENOMEM, EFBIG) and stage == 1 and _pool_bytes > 0:
+        _pool_trim(0.0)  # the pool's idle arenas hold room: give it back first
+        rc = _create_named(path, length, &addr, &stage)
     if rc != 0:
         if stage == 1 and rc in (ENOSPC, ENOMEM, EFBIG):  # posix_fallocate
             raise _no_space(nbytes, rc)
@@ -637,15 +645,8 @@ cdef Arena _new_arena(int klass):
         return None
     cdef char path[PREFIX_CAP + RANDOM_CHARS + 1]
     cdef void *addr = NULL
-    cdef int stage = 0, rc = EEXIST, attempt
-    for attempt in range(CREATE_ATTEMPTS):
-        if _new_path(path) != 0:
-            return None
-        with nogil:
-            rc = _create(path, size, &addr, &stage)
-        if rc != EEXIST:
-            break
-    if rc != 0:
+    cdef int stage = 0
+    if _create_named(path, size, &addr, &stage) != 0:
         return None
     cdef uint32_t nblocks = _blocks_per_arena(klass)
     cdef Arena arena = Arena.__new__(Arena)
@@ -735,8 +736,9 @@ cdef void _pool_trim(double idle_seconds) noexcept:
         for arena in list(_pool_classes[klass]):
             if gs_remote_frees(arena.hdr) != arena.seen_remote:
                 arena.rebuild_free()
-            if arena.nfree < arena.nblocks or arena.takes != arena.trim_takes:
-                arena.idle_since = now
+            if arena.nfree < arena.nblocks or (
+                    idle_seconds > 0 and arena.takes != arena.trim_takes):
+                arena.idle_since = now  # in use, or used since the last trim
                 arena.trim_takes = arena.takes
             elif now - arena.idle_since >= idle_seconds:
                 _retire_own(arena, klass)
@@ -939,3 +941,14 @@ def pool_at_exit():
                 shm_unlink(arena.path)
         _pool_classes[klass] = []
     _pool_bytes = 0
+
+
+def block_state(name, Py_ssize_t index, Py_ssize_t generation):
+    """(linked, references) of block `index` of arena `name` if it is still
+    under `generation`, else None: what the pool knows of one array's "name"
+    (tests, diagnostics)."""
+    cdef Arena arena = _arena_named(name)
+    cdef uint64_t word = gs_word(_block_of(arena, index, generation))
+    if GS_GEN(word) != <uint32_t>generation:
+        return None
+    return bool(word & 0x80000000), int(word & 0x7FFFFFFF)

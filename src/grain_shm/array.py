@@ -327,13 +327,14 @@ def _rebuild_block(
 
 
 def _default_pool_bytes() -> int:
-    """A quarter of /dev/shm: room for the pool without starving fresh segments."""
+    """A quarter of /dev/shm: room for the pool without starving fresh segments
+    (blocks round sizes up to a power of two; idle arenas hold memory)."""
     try:
         st = os.statvfs(_shm.SHM_DIR)
         total = st.f_blocks * st.f_frsize
     except OSError:
         total = 0
-    return max(total // 4, 16 << 20)
+    return max(total // 4, 1 << 20)
 
 
 def _recycling_from_environment() -> None:
