@@ -6,6 +6,11 @@ see: names in /dev/shm, lines of /proc/self/maps, open fds, threads, and the
 deleter's counters (`_shm.async_release_stats()`). `_shm._hold_async_release`
 is a test-only switch that keeps the workers from taking new requests, so a
 test can hold releases pending and watch the bound and fork at work.
+
+The deleter serves segments of their own: a pool block's release is a few
+atomics, done inline because a queue push would cost more. So these
+children run with the pool off (GRAIN_SHM_RECYCLE=0) whatever the suite's
+mode; tests/test_pool.py covers blocks with async release on.
 """
 
 import os
@@ -82,7 +87,8 @@ def wait_child(pid, timeout=60):
 
 def run(body, **kwargs):
     """Run `body` after PRELUDE in a fresh interpreter; it prints "ok" at the end."""
-    proc = run_python(PRELUDE + textwrap.dedent(body) + '\nprint("ok")\n', **kwargs)
+    env = {"GRAIN_SHM_RECYCLE": "0", **kwargs.pop("env", {})}
+    proc = run_python(PRELUDE + textwrap.dedent(body) + '\nprint("ok")\n', env=env, **kwargs)
     assert proc.stdout.rstrip().endswith("ok"), proc.stdout + proc.stderr
     return proc
 
