@@ -3,6 +3,7 @@ when its root goes, however it goes; readers keep what they mapped."""
 
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 # One root holding 20 segments: 10 of its own and 10 from a spawned worker,
 # half of each owned (unlink_on_del), half not.
 TWENTY = """
-import json, multiprocessing as mp, sys, time
+import json, multiprocessing as mp, pickle, sys, time
 import numpy as np
 import grain_shm
 from grain_shm import SharedMemoryArray, session
@@ -56,6 +57,7 @@ if __name__ == "__main__":
     print(json.dumps({
         "session": session.SESSION,
         "names": [a.metadata.name for a in mine] + [m.name for m in theirs],
+        "refs": [pickle.dumps(m).hex() for m in [a.metadata for a in mine] + theirs],
         "values": list(range(10)) + list(range(100, 110)),
         "worker": proc.pid,
     }), flush=True)
@@ -72,8 +74,8 @@ def test_sigkill_of_the_root_reclaims_everything_within_a_second(tmp_path):
         assert len(reapers(info["session"])) == 1  # root and worker share one
         # A reader outside the tree (this process, another session) maps them all.
         readers = [
-            SharedMemoryArray.from_metadata(SharedMemoryArrayMetadata(n, (1000,), np.int64))
-            for n in names
+            SharedMemoryArray.from_metadata(pickle.loads(bytes.fromhex(ref)))
+            for ref in info["refs"]
         ]
         os.kill(tree.pid, signal.SIGKILL)
         latency = wait_gone(names)
@@ -290,6 +292,8 @@ def test_names_are_short_unguessable_and_carry_the_session(tmp_path):
         import json, os
         import numpy as np
         from grain_shm import SharedMemoryArray, session
+        # Segments of their own (the pool off): each draws a name.
+        SharedMemoryArray._disable_recycling()
         names = []
         for _ in range(2000):
             a = SharedMemoryArray((1,), np.uint8)

@@ -143,7 +143,9 @@ def _record(element, facts):
         if isinstance(leaf, np.ndarray):
             facts["array_types"].add(f"{type(leaf).__module__}.{type(leaf).__qualname__}")
             if _patched():
-                facts["segment_names"].append(leaf.metadata.name)
+                md = leaf.metadata  # a pool block: its arena's name and its place
+                facts["segment_names"].append(
+                    md.name if md.block is None else f"{md.name}@{md.block}")
                 facts["opened_as_owner"].append(bool(leaf._unlink_on_del))
     facts["elements"].append(
         {
