@@ -11,7 +11,6 @@ import time
 import pytest
 
 from grain_shm import _shm, session
-from _names import RECYCLING
 
 SHM_DIR = "/dev/shm"
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -27,11 +26,10 @@ def shm_entries():
 def own_entries():
     """Entries of this test run: its session's segments (children inherit the
     session). Other processes may share /dev/shm; their entries are not ours
-    to judge or remove. With the pool on, this process's arenas that hold no
-    array are returned first: what stays is what is in use."""
-    if RECYCLING:
-        gc.collect()
-        _shm.pool_trim(0.0)
+    to judge or remove. This process's pool arenas that hold no array are
+    returned first: what stays is what is in use."""
+    gc.collect()
+    _shm.pool_trim(0.0)
     prefix = session.name_prefix()
     return {name for name in shm_entries() if name.startswith(prefix)}
 
