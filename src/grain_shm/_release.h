@@ -1,7 +1,8 @@
 /* Ownership and release of segments, in plain C.
  *
  * A segment marked "unlink on release" is linked into `gs_owners`, so that
- * whatever is still owned at interpreter exit can be unlinked in one walk.
+ * whatever is still owned at interpreter exit can be unlinked in one walk
+ * (for a pool block, unlinking clears its linked bit: see _pool.h).
  * The list is touched only with the GIL held.  `gs_generation` changes in a
  * forked child: segments owned by the parent become stale there, so the
  * child unmaps them but never unlinks the parent's names.
@@ -11,7 +12,8 @@
  * instead of munmap + shm_unlink.  See the comment above `gs_del`.
  *
  * The at-fork handlers are plain C because a forked child may run without
- * the GIL, or exec at once.
+ * the GIL, or exec at once.  The prepare handler also gives the child its
+ * references to the pool blocks it inherits (gs_blockrefs_atfork_prepare).
  */
 #ifndef GRAIN_SHM_RELEASE_H
 #define GRAIN_SHM_RELEASE_H

@@ -793,10 +793,11 @@ cdef Arena _map_arena(str name):
 
 
 cdef void _cache_insert(Arena arena) noexcept:
-    """Cache `arena`; past the bounds, unmap the least recently used others'
-    arenas that no array of this process uses (retired ones first)."""
+    """Cache `arena`, then unmap the others' arenas that no array of this
+    process uses: retired ones (nothing in them can be opened again), then
+    the least recently used, while the cache is over its bounds."""
     _arenas[arena.name] = arena
-    cdef list idle = []
+    cdef list unused = []
     cdef Py_ssize_t count = 0, mapped = 0
     cdef Arena a
     for a in _arenas.values():
@@ -804,14 +805,12 @@ cdef void _cache_insert(Arena arena) noexcept:
             count += 1
             mapped += a.size
             if a.live == 0 and a is not arena:
-                idle.append((not a.hdr.retired, a.used, a))
-    if count <= CACHE_ARENAS and mapped <= CACHE_BYTES and not any(not r for r, _, _ in idle):
-        return
-    idle.sort(key=lambda entry: entry[:2])
-    for live, _, a in idle:
-        if live and count <= CACHE_ARENAS and mapped <= CACHE_BYTES:
+                unused.append((not a.hdr.retired, a.used, a))
+    unused.sort(key=lambda entry: entry[:2])  # retired first, then oldest
+    for still_linked, _, a in unused:
+        if still_linked and count <= CACHE_ARENAS and mapped <= CACHE_BYTES:
             break
-        del _arenas[a.name]
+        del _arenas[a.name]  # unmapped with its last reference
         count -= 1
         mapped -= a.size
 
