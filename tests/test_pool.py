@@ -489,3 +489,42 @@ def test_the_environment_turns_it_on_in_every_process_that_inherits_it():
         env={"GRAIN_SHM_RECYCLE": "lots"},
     )
     assert int(proc.stdout) == 0 and "GRAIN_SHM_RECYCLE" in proc.stderr
+
+
+def test_a_killed_producers_arena_goes_once_nothing_in_it_can_be_opened():
+    run_python(
+        """
+        import multiprocessing as mp, os, signal, time
+        import numpy as np
+        from grain_shm import SharedMemoryArray, _shm
+
+        def produce(queue):
+            SharedMemoryArray.enable_recycling(16 << 20)
+            for i in range(3):
+                a = SharedMemoryArray((1000,), np.float64)
+                a[:] = i
+                queue.put(a)
+                del a
+            time.sleep(600)  # killed here: it never says it is gone
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("spawn")
+            queue = ctx.Queue()
+            child = ctx.Process(target=produce, args=(queue,))
+            child.start()
+            got = [queue.get(timeout=60) for _ in range(3)]
+            os.kill(child.pid, signal.SIGKILL)
+            child.join(30)
+            arena = got[0].metadata.name
+            keep = SharedMemoryArray.from_metadata(got[2].metadata)  # a mapping that stays
+            for a in got:
+                a.unlink_on_del()
+            del a
+            _shm.pool_trim(0.0)
+            assert os.path.exists("/dev/shm/" + arena)  # their names are still linked
+            del got
+            _shm.pool_trim(0.0)
+            assert not os.path.exists("/dev/shm/" + arena)  # nothing left to open
+            assert float(keep.sum()) == 2000.0
+        """
+    )

@@ -27,7 +27,10 @@
  * Releases of the last reference in another process bump `remote_frees`, so
  * the owner rescans the words only when something came back.  When the owner
  * exits it sets `owner_gone`; from then on whoever frees the last block
- * unlinks the arena (`retired` says who does, once).
+ * unlinks the arena (`retired` says who does, once).  An owner killed before
+ * it could say so is found dead by the processes that cache its arena (their
+ * trims look at `owner_pid` in `owner_pidns`); once none of its blocks is
+ * linked, nothing in it can be opened again and they unlink it.
  */
 #ifndef GRAIN_SHM_POOL_H
 #define GRAIN_SHM_POOL_H
@@ -60,7 +63,8 @@ typedef struct {
     uint32_t owner_gone;
     uint32_t retired;
     uint64_t remote_frees;
-    uint64_t reserved[3];
+    uint64_t owner_pidns;  /* the owner's pid namespace (inode): where owner_pid means it */
+    uint64_t reserved[2];
     gs_block blocks[];
 } gs_arena;
 
@@ -94,7 +98,9 @@ static inline uint64_t gs_arena_data_start(uint32_t nblocks, uint64_t page) {
 
 /* Write a new arena's header (its blocks are all free: zeroed memory). */
 static inline void gs_arena_init(gs_arena *a, uint32_t nblocks, uint64_t block_bytes,
-                                 uint64_t data_start, uint64_t arena_bytes, int64_t pid) {
+                                 uint64_t data_start, uint64_t arena_bytes, int64_t pid,
+                                 uint64_t pidns) {
+    a->owner_pidns = pidns;
     a->version = GS_ARENA_VERSION;
     a->nblocks = nblocks;
     a->block_bytes = block_bytes;
@@ -181,6 +187,15 @@ static inline int gs_arena_all_free(gs_arena *a, uint32_t nblocks) {
     uint32_t i;
     for (i = 0; i < nblocks; i++)
         if (!GS_IS_FREE(__atomic_load_n(&a->blocks[i].word, __ATOMIC_SEQ_CST))) return 0;
+    return 1;
+}
+
+/* Whether no block is linked: nothing in the arena can be opened any more
+ * (mappings of its blocks may live on; they stay valid once it is unlinked). */
+static inline int gs_arena_none_linked(gs_arena *a, uint32_t nblocks) {
+    uint32_t i;
+    for (i = 0; i < nblocks; i++)
+        if (__atomic_load_n(&a->blocks[i].word, __ATOMIC_SEQ_CST) & GS_LINKED) return 0;
     return 1;
 }
 

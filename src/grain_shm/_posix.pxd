@@ -53,6 +53,7 @@ cdef extern from "_pool.h" nogil:
         uint32_t owner_gone
         uint32_t retired
         uint64_t remote_frees
+        uint64_t owner_pidns
         gs_block blocks[1]
     ctypedef struct gs_blockref:
         gs_blockref *next
@@ -66,7 +67,9 @@ cdef extern from "_pool.h" nogil:
     uint64_t gs_word(const gs_block *b)
     uint64_t gs_arena_data_start(uint32_t nblocks, uint64_t page)
     void gs_arena_init(gs_arena *a, uint32_t nblocks, uint64_t block_bytes,
-                       uint64_t data_start, uint64_t arena_bytes, int64_t pid)
+                       uint64_t data_start, uint64_t arena_bytes, int64_t pid,
+                       uint64_t pidns)
+    bint gs_arena_none_linked(gs_arena *a, uint32_t nblocks)
     bint gs_arena_valid(const gs_arena *a, uint64_t size)
     uint32_t gs_block_take(gs_block *b, uint64_t nbytes)
     int gs_block_acquire(gs_block *b, uint32_t gen)

@@ -32,6 +32,7 @@ from posix.unistd cimport close
 from grain_shm._checkrc cimport check_rc, raise_errno
 from grain_shm._posix cimport (GS_MAX_THREADS, GS_MIN_BLOCK_SHIFT, MAP_POPULATE,
                                gs_arena, gs_arena_abandon, gs_arena_all_free,
+                               gs_arena_none_linked,
                                gs_arena_data_start, gs_arena_freed_remotely,
                                gs_arena_init, gs_arena_retire, gs_arena_valid,
                                gs_block, gs_block_acquire, gs_block_release,
@@ -209,6 +210,17 @@ cdef double TRIM_INTERVAL = 1.0  # seconds between trims
 cdef double IDLE_SECONDS = 2.0   # an own arena all free and untouched this long goes
 cdef Py_ssize_t CACHE_BYTES = 2 << 30
 cdef size_t PAGE = os.sysconf("SC_PAGESIZE")
+
+
+cdef uint64_t _pid_namespace():
+    """This process's pid namespace (the inode of /proc/self/ns/pid), or 0."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+cdef uint64_t PIDNS = _pid_namespace()
 
 
 cdef inline double _now() noexcept nogil:
@@ -662,7 +674,8 @@ cdef Arena _new_arena(int klass):
     if arena.free == NULL:
         shm_unlink(path)
         return None  # the Arena unmaps itself
-    gs_arena_init(arena.hdr, nblocks, arena.block_bytes, arena.data_start, size, os.getpid())
+    gs_arena_init(arena.hdr, nblocks, arena.block_bytes, arena.data_start, size,
+                  os.getpid(), PIDNS)
     arena.rebuild_free()
     _pool_classes[klass].append(arena)
     _arenas[arena.name] = arena
@@ -742,6 +755,26 @@ cdef void _pool_trim(double idle_seconds) noexcept:
                 arena.trim_takes = arena.takes
             elif now - arena.idle_since >= idle_seconds:
                 _retire_own(arena, klass)
+    for arena in list(_arenas.values()):
+        if not arena.own() and not arena.hdr.retired and _owner_gone(arena):
+            if gs_arena_none_linked(arena.hdr, arena.nblocks) and gs_arena_retire(arena.hdr):
+                shm_unlink(arena.path)
+
+
+cdef bint _owner_gone(Arena arena) noexcept:
+    """Whether another process's arena has lost its owner: it said so at
+    exit, or it was killed (no such pid in its pid namespace, which is ours)."""
+    if arena.hdr.owner_gone:
+        return True
+    if PIDNS == 0 or arena.hdr.owner_pidns != PIDNS or arena.hdr.owner_pid <= 0:
+        return False  # its pid means nothing here
+    try:
+        os.kill(arena.hdr.owner_pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        pass
+    return False
 
 
 cdef void _pool_maybe_trim() noexcept:
