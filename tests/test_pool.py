@@ -528,3 +528,57 @@ def test_a_killed_producers_arena_goes_once_nothing_in_it_can_be_opened():
             assert float(keep.sum()) == 2000.0
         """
     )
+
+
+def test_random_forged_references_never_reach_outside_their_block():
+    # In a child: a reference that reached outside would crash it or show here.
+    run_python(
+        """
+        import dataclasses
+        import numpy as np
+        from grain_shm import SharedMemoryArray, _shm
+
+        try:
+            from numpy.lib.array_utils import byte_bounds
+        except ImportError:  # numpy 1.x
+            byte_bounds = np.byte_bounds
+
+        SharedMemoryArray.enable_recycling(16 << 20)
+        blocks = [SharedMemoryArray((n,), np.uint8) for n in (1, 300, 4096, 5000)]
+        for b in blocks:
+            b.unlink_on_del()
+            b[:] = 7
+        rng = np.random.default_rng(0)
+        opened = refused = 0
+        for _ in range(3000):
+            target = blocks[rng.integers(len(blocks))]
+            md = target.metadata
+            ndim = int(rng.integers(0, 3))
+            shape = tuple(int(d) for d in rng.integers(0, 70, ndim))
+            strides = (None if rng.random() < 0.3 else
+                       tuple(int(s) for s in rng.integers(-80, 80, ndim)))
+            index, generation = md.block
+            forged = dataclasses.replace(
+                md, shape=shape, dtype=np.dtype(rng.choice(["u1", "i4", "f8"])),
+                strides=strides,
+                offset=md.offset + int(rng.integers(-300, 5300)),
+                block=(index + int(rng.choice([0, 0, 0, 1, -1])),
+                       generation + int(rng.choice([0, 0, 0, 1]))))
+            try:
+                arr = SharedMemoryArray.from_metadata(forged)
+            except (ValueError, FileNotFoundError, OverflowError):
+                refused += 1
+                continue
+            opened += 1
+            if arr.size:
+                low, high = byte_bounds(arr)
+                start, end = byte_bounds(target.view(np.ndarray))
+                assert start <= low and high <= end, (forged, md)
+                assert (arr.view(np.uint8) == 7).all() if arr.dtype == np.uint8 else True
+            del arr
+        assert opened > 100 and refused > 100, (opened, refused)
+        for b in blocks:
+            assert _shm.block_state(b.metadata.name, *b.metadata.block)[1] == 1
+        print(opened, refused)
+        """
+    )
