@@ -582,3 +582,10 @@ def test_random_forged_references_never_reach_outside_their_block():
         print(opened, refused)
         """
     )
+
+
+@pytest.mark.parametrize("max_bytes, error", [(0, ValueError), (-5, ValueError),
+                                              (1.5, TypeError), ("1G", TypeError), (True, TypeError)])
+def test_enable_recycling_refuses_bounds_that_are_not_byte_counts(max_bytes, error):
+    with pytest.raises(error, match="max_bytes"):
+        SharedMemoryArray.enable_recycling(max_bytes)

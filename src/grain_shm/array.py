@@ -193,11 +193,17 @@ class SharedMemoryArray(np.ndarray):
         anything: they map each arena once and keep it mapped.
 
         `max_bytes` bounds this process's arenas (default: a quarter of
-        /dev/shm). Past it, and for arrays larger than an arena may be, arrays
-        get fresh segments as before. Arenas idle for two seconds are
-        returned to the system. Setting GRAIN_SHM_RECYCLE=1 (or a byte count)
-        in the environment turns it on at import, in every process that
-        inherits it.
+        /dev/shm); an arena may take at most half of it. Past it, and for
+        arrays too large for an arena, arrays get fresh segments as before:
+        the pool never raises where a fresh segment would not. An arena that
+        has been all free for two seconds is returned to the system at the
+        pool's next use, and at exit. Calling it again sets a new bound.
+        GRAIN_SHM_RECYCLE=1 (or a byte count) in the environment turns it
+        on at import, in every process that inherits it.
+
+        Raises:
+          TypeError: `max_bytes` is not an int.
+          ValueError: `max_bytes` is below 1.
         """
         _shm.enable_pool(_default_pool_bytes() if max_bytes is None else _count(
             "max_bytes", max_bytes, 1 << 62))
@@ -215,10 +221,10 @@ class SharedMemoryArray(np.ndarray):
         # A flat tuple, not a metadata object: pickling that costs more than
         # the mapping itself.
         args = (name, shape, _dtype_token(dtype), strides, offset)
-        cls = type(self)
+        subclass = () if type(self) is SharedMemoryArray else (type(self),)
         if block is not None:
-            return _rebuild_block, args + block + ((cls,) if cls is not SharedMemoryArray else ())
-        return _rebuild, args if cls is SharedMemoryArray else args + (cls,)
+            return _rebuild_block, args + block + subclass
+        return _rebuild, args + subclass
 
     def __array_wrap__(
         self,
