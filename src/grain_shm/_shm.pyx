@@ -266,10 +266,11 @@ cdef class Arena:
     cdef void rebuild_free(self) noexcept:
         """Own arena: list every free block again, after other processes
         returned some (each block in the list is free, so none is listed twice)."""
-        cdef uint32_t i
+        cdef uint32_t i = self.nblocks
         self.seen_remote = gs_remote_frees(self.hdr)
         self.nfree = 0
-        for i in range(self.nblocks - 1, -1, -1):
+        while i > 0:  # from the top, so that block 0 is taken first
+            i -= 1
             if GS_IS_FREE(gs_word(&self.hdr.blocks[i])):
                 self.free[self.nfree] = i
                 self.nfree += 1
@@ -301,7 +302,6 @@ cdef void _release_block(Arena arena, gs_block *block, bint unlink) noexcept:
     _pool_ops += 1
     if _pool_ops % TRIM_EVERY == 0:
         _pool_maybe_trim()
-
 
 
 @cython.no_gc_clear  # __dealloc__ needs `arena`; a Segment is in no cycle
@@ -609,7 +609,7 @@ cdef dict _arenas = {}               # name -> Arena: own ones and the cache
 cdef unsigned long long _cache_clock = 0
 cdef unsigned long long _pool_ops = 0
 cdef double _last_trim = 0.0
-cdef dict _pool_counts = {"taken": 0, "fallbacks": 0, "arenas_made": 0, "arenas_retired": 0}
+cdef unsigned long long _taken = 0, _fallbacks = 0, _arenas_made = 0, _arenas_retired = 0
 
 
 cdef inline uint32_t _blocks_per_arena(int klass) noexcept:
@@ -680,47 +680,51 @@ cdef Arena _new_arena(int klass):
     _pool_classes[klass].append(arena)
     _arenas[arena.name] = arena
     _pool_bytes += size
-    _pool_counts["arenas_made"] += 1
+    global _arenas_made
+    _arenas_made += 1
     return arena
+
+
+cdef Segment _take_from(Arena arena, Py_ssize_t nbytes):
+    """A block of an own arena for `nbytes`, or None if none is free."""
+    global _taken
+    cdef uint32_t gen, index
+    if arena.nfree == 0 and gs_remote_frees(arena.hdr) != arena.seen_remote:
+        arena.rebuild_free()  # other processes gave some back
+    while arena.nfree > 0:
+        arena.nfree -= 1
+        index = arena.free[arena.nfree]
+        gen = gs_block_take(&arena.hdr.blocks[index], nbytes)
+        if gen != 0:  # 0: not free after all (a scribbled word): skip it
+            arena.takes += 1
+            _taken += 1
+            return _block_segment(arena, index, gen, nbytes)
+    return None
 
 
 cdef Segment _pool_take(Py_ssize_t nbytes):
     """A block for `nbytes` from an own arena, or None: too large, or no
     room within the bound (the caller takes a fresh segment)."""
-    global _pool_ops
+    global _pool_ops, _fallbacks
     cdef int klass = gs_size_class(nbytes)
     cdef Arena arena
-    cdef uint32_t gen, index
-    if klass >= N_CLASSES or _arena_bytes(klass) > _pool_limit // 2:
-        _pool_counts["fallbacks"] += 1
-        return None
-    if _pool_gen != gs_generation:
-        _pool_forget_parent()
-    _pool_ops += 1
-    if _pool_ops % TRIM_EVERY == 0:
-        _pool_maybe_trim()
-    for arena in _pool_classes[klass]:
-        if arena.nfree == 0 and gs_remote_frees(arena.hdr) != arena.seen_remote:
-            arena.rebuild_free()
-        while arena.nfree > 0:
-            arena.nfree -= 1
-            index = arena.free[arena.nfree]
-            gen = gs_block_take(&arena.hdr.blocks[index], nbytes)
-            if gen != 0:
-                arena.takes += 1
-                _pool_counts["taken"] += 1
-                return _block_segment(arena, index, gen, nbytes)
-    arena = _new_arena(klass)
-    if arena is None:
+    cdef Segment seg
+    if klass < N_CLASSES and _arena_bytes(klass) <= _pool_limit // 2:
+        if _pool_gen != gs_generation:
+            _pool_forget_parent()
+        _pool_ops += 1
+        if _pool_ops % TRIM_EVERY == 0:
+            _pool_maybe_trim()
+        for arena in _pool_classes[klass]:
+            seg = _take_from(arena, nbytes)
+            if seg is not None:
+                return seg
+        arena = _new_arena(klass)
+        if arena is not None:
+            return _take_from(arena, nbytes)
         _pool_maybe_trim()  # perhaps idle arenas of other classes hold the room
-        _pool_counts["fallbacks"] += 1
-        return None
-    arena.nfree -= 1
-    index = arena.free[arena.nfree]
-    gen = gs_block_take(&arena.hdr.blocks[index], nbytes)
-    arena.takes += 1
-    _pool_counts["taken"] += 1
-    return _block_segment(arena, index, gen, nbytes)
+    _fallbacks += 1
+    return None
 
 
 cdef void _retire_own(Arena arena, int klass) noexcept:
@@ -732,7 +736,8 @@ cdef void _retire_own(Arena arena, int klass) noexcept:
     _arenas.pop(arena.name, None)
     _pool_bytes -= arena.size
     arena.owner_gen = 0
-    _pool_counts["arenas_retired"] += 1
+    global _arenas_retired
+    _arenas_retired += 1
 
 
 cdef void _pool_trim(double idle_seconds) noexcept:
@@ -948,7 +953,10 @@ def pool_stats():
         "blocks_in_use": in_use,
         "bytes_in_use": bytes_in_use,
         "cached_arenas": cached,
-        **_pool_counts,
+        "taken": _taken,
+        "fallbacks": _fallbacks,
+        "arenas_made": _arenas_made,
+        "arenas_retired": _arenas_retired,
     }
 
 
