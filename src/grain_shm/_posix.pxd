@@ -1,7 +1,14 @@
 # C declarations that Cython's own posix/*.pxd lack or get wrong across platforms,
 # and those of the core's own C: release (_release.h) and the pool (_pool.h).
+cimport numpy as cnp
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from posix.types cimport mode_t, off_t
+
+# Missing from Cython's numpy.pxd: an array over memory we own, with no
+# buffer export in between. Steals a reference to `descr`.
+cdef extern from "numpy/arrayobject.h":
+    object PyArray_NewFromDescr(type subtype, cnp.dtype descr, int nd, cnp.npy_intp *dims,
+                                cnp.npy_intp *strides, void *data, int flags, object obj)
 
 cdef extern from "_compat.h" nogil:
     enum: MAP_POPULATE

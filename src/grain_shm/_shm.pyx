@@ -40,7 +40,7 @@ from grain_shm._posix cimport (GS_MAX_THREADS, GS_MIN_BLOCK_SHIFT, MAP_POPULATE,
                                gs_blockref_add, gs_blockref_take,
                                gs_blockrefs_first, gs_generation, gs_remote_frees,
                                gs_size_class, gs_word, GS_GEN, GS_IS_FREE,
-                               gs_deleter_enable,
+                               gs_deleter_enable, PyArray_NewFromDescr,
                                gs_deleter_hold, gs_deleter_push, gs_deleter_stats,
                                gs_deleter_stats_get, gs_deleter_stop, gs_is_segment,
                                gs_mmap,
@@ -992,3 +992,30 @@ def block_state(name, Py_ssize_t index, Py_ssize_t generation):
     if GS_GEN(word) != <uint32_t>generation:
         return None
     return bool(word & 0x80000000), int(word & 0x7FFFFFFF)
+
+
+def wrap(type cls, Segment seg not None, tuple shape, cnp.dtype dtype not None,
+         Py_ssize_t offset, strides):
+    """An ndarray of `cls` over `seg`'s memory from `offset` on, with `seg`
+    as its base. The caller has checked the geometry against the segment
+    (layout, and open's or open_block's bounds); what numpy's buffer path
+    would add is the cost of a buffer export (~1 us an array)."""
+    cdef Py_ssize_t nd = len(shape), i
+    cdef cnp.npy_intp dims[64]
+    cdef cnp.npy_intp steps[64]
+    if nd > 64:
+        raise ValueError(f"maximum supported dimension for an ndarray is 64, found {nd}")
+    for i in range(nd):
+        dims[i] = shape[i]
+    if strides is not None:
+        if len(strides) != nd:
+            raise ValueError(f"strides {strides} do not match shape {shape}")
+        for i in range(nd):
+            steps[i] = strides[i]
+    cdef char *start = <char *>seg.addr if seg.addr != NULL else _empty_buffer
+    cnp.Py_INCREF(dtype)  # PyArray_NewFromDescr steals it
+    cdef cnp.ndarray arr = PyArray_NewFromDescr(
+        cls, dtype, <int>nd, dims, NULL if strides is None else steps,
+        start + offset, 0 if seg.readonly else cnp.NPY_ARRAY_WRITEABLE, None)
+    cnp.set_array_base(arr, seg)
+    return arr

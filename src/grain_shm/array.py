@@ -98,7 +98,7 @@ class SharedMemoryArray(np.ndarray):
         # Inside session.persistent() a name must outlive the session: no pool.
         segment = _shm.create(nbytes, session._persistent_depth == 0)
         try:
-            return np.ndarray.__new__(cls, shape, dtype, buffer=segment)
+            return _shm.wrap(cls, segment, shape, dtype, 0, None)
         except BaseException:  # e.g. too many dimensions: leave nothing behind
             segment.mark_unlink_on_release()
             raise
@@ -315,7 +315,7 @@ def _map(
         index, generation = block
         segment = _shm.open_block(name, operator.index(index), operator.index(generation), low, high)
         offset -= segment.origin
-    return np.ndarray.__new__(cls, shape, dtype, buffer=segment, offset=offset, strides=strides)
+    return _shm.wrap(cls, segment, shape, dtype, offset, strides)
 
 
 def _rebuild_block(
