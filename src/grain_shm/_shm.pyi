@@ -55,6 +55,9 @@ def wrap(
     cls: type[_A], seg: Segment, shape: tuple[int, ...], dtype: np.dtype[Any],
     offset: int, strides: tuple[int, ...] | None,
 ) -> _A: ...
+def reference(
+    arr: np.ndarray[Any, Any],
+) -> tuple[str, tuple[int, ...], np.dtype[Any], tuple[int, ...] | None, int, tuple[int, int] | None] | None: ...
 def data_offset(arr: np.ndarray[Any, Any], seg: Segment) -> int: ...
 
 # The asynchronous deleter: release on pthreads, bounded (issue 4).

@@ -314,6 +314,7 @@ cdef class Segment:
     cdef Py_ssize_t size       # bytes exported through the buffer protocol
     cdef bint readonly
     cdef bytes path            # b"/name"
+    cdef str name_text         # the name as str, once asked for
     cdef gs_owner owner
     # A pool block: the arena's mapping (kept alive by this segment), where
     # the block starts in it, and the reference this segment holds.
@@ -329,7 +330,9 @@ cdef class Segment:
     @property
     def name(self) -> str:
         """The name without its leading "/", as multiprocessing.shared_memory spells it."""
-        return os.fsdecode(self.path[1:])
+        if self.name_text is None:  # decoded once: every pickle asks for it
+            self.name_text = os.fsdecode(self.path[1:])
+        return self.name_text
 
     @property
     def size(self) -> int:
@@ -588,6 +591,22 @@ def segment_of(obj):
             return None
         obj = <object>base
     return obj if type(obj) is Segment else None
+
+
+def reference(arr not None):
+    """(name, shape, dtype, strides, offset, block) of arr's elements if they
+    are in a segment, else None: what pickling sends. strides is None for C
+    order; offset is from the start of the named segment (for a block: of
+    its arena); block is None or (index, generation)."""
+    seg = segment_of(arr)
+    if seg is None:
+        return None
+    cdef Segment segment = seg
+    cdef cnp.ndarray array = arr
+    return (segment.name, arr.shape, arr.dtype,
+            None if cnp.PyArray_IS_C_CONTIGUOUS(array) else arr.strides,
+            data_offset(array, segment),
+            None if segment.arena is None else (segment.index, segment.generation))
 
 
 def data_offset(cnp.ndarray arr not None, Segment seg not None):

@@ -214,7 +214,7 @@ class SharedMemoryArray(np.ndarray):
         _shm.disable_pool()
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        reference = _reference(self)
+        reference = _shm.reference(self)
         if reference is None:  # a private copy: send the bytes
             return self.view(np.ndarray).__reduce_ex__(protocol)
         name, shape, dtype, strides, offset, block = reference
@@ -264,25 +264,9 @@ def _dtype_token(dtype: np.dtype) -> str | np.dtype:
     return dtype
 
 
-_Reference = Tuple[
-    str, Tuple[int, ...], np.dtype, Optional[Tuple[int, ...]], int, Optional[Tuple[int, int]]
-]
-
-
-def _reference(arr: np.ndarray) -> Optional[_Reference]:
-    """(name, shape, dtype, strides, offset, block) of `arr`'s elements if they
-    are in a segment, else None. strides is None for C order."""
-    segment = _shm.segment_of(arr)
-    if segment is None:
-        return None
-    strides = None if arr.flags.c_contiguous else arr.strides
-    return (segment.name, arr.shape, arr.dtype, strides,
-            _shm.data_offset(arr, segment), segment.block)
-
-
 def _metadata_of(arr: np.ndarray) -> Optional[SharedMemoryArrayMetadata]:
     """The metadata of `arr`'s elements if they are in a segment, else None."""
-    reference = _reference(arr)
+    reference = _shm.reference(arr)
     return None if reference is None else SharedMemoryArrayMetadata(*reference)
 
 
