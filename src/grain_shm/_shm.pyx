@@ -41,7 +41,7 @@ if gs_release_init() != 0:
 # Longest name shm_open takes, without the leading "/": NAME_MAX on Linux,
 # PSHMNAMLEN (31 with the "/") on macOS.
 NAME_MAX = 30 if os.uname().sysname == "Darwin" else 255
-SHM_DIR = "/dev/shm"
+from grain_shm.names import SHM_DIR
 
 cdef enum:
     RANDOM_CHARS = 12            # 72 bits
@@ -56,30 +56,28 @@ cdef enum:
 # and child never draw the same names.
 cdef unsigned char _random_pool[RANDOM_POOL]
 cdef size_t _random_used = RANDOM_POOL
-cdef char _prefix[PREFIX_CAP + 1]
-cdef size_t _prefix_len = 0
 cdef char _empty_buffer[1]
 
 
-def set_name_prefix(str prefix not None):
-    """Set what every new segment name starts with (after the "/")."""
-    global _prefix_len
-    cdef bytes raw = prefix.encode("ascii")
-    if len(raw) + 1 > PREFIX_CAP or not all(
-        c.isalnum() or c in "._-" for c in prefix
-    ):
+cdef size_t _check_prefix(bytes prefix) except 0:
+    """The length of "/" + `prefix`; ValueError unless it fits and is a plain name."""
+    cdef const unsigned char *p = prefix
+    cdef Py_ssize_t i, n = len(prefix)
+    cdef unsigned char c
+    for i in range(n):
+        c = p[i]
+        if not (b"a"[0] <= c <= b"z"[0] or b"A"[0] <= c <= b"Z"[0]
+                or b"0"[0] <= c <= b"9"[0] or c == b"."[0] or c == b"_"[0] or c == b"-"[0]):
+            n = PREFIX_CAP
+    if n + 1 > PREFIX_CAP:
         raise ValueError(f"invalid segment name prefix {prefix!r}")
-    _prefix[0] = b"/"
-    memcpy(&_prefix[1], <char *>raw, len(raw))
-    _prefix_len = len(raw) + 1
+    return n + 1
 
 
-set_name_prefix("gs_")
-
-
-cdef int _new_path(char *out) noexcept:
+cdef int _new_path(char *out, const char *prefix, size_t prefix_len) noexcept:
     """Write "/<prefix><12 random chars>\\0" into out; 0 or an errno value.
-    Called with the GIL held, which guards the random pool."""
+    prefix_len counts the "/". Called with the GIL held, which guards the
+    random pool."""
     global _random_used
     cdef int i, rc
     if _random_used + RANDOM_CHARS > RANDOM_POOL:
@@ -87,10 +85,11 @@ cdef int _new_path(char *out) noexcept:
         if rc != 0:
             return rc
         _random_used = 0
-    memcpy(out, _prefix, _prefix_len)
+    out[0] = b"/"
+    memcpy(&out[1], prefix, prefix_len - 1)
     for i in range(RANDOM_CHARS):
-        out[_prefix_len + i] = ALPHABET[_random_pool[_random_used + i] & 63]
-    out[_prefix_len + RANDOM_CHARS] = 0
+        out[prefix_len + i] = ALPHABET[_random_pool[_random_used + i] & 63]
+    out[prefix_len + RANDOM_CHARS] = 0
     _random_used += RANDOM_CHARS
     return 0
 
@@ -269,10 +268,13 @@ cdef int _create(char *path, size_t length, void **addr, int *stage) noexcept no
     return rc
 
 
-def create(Py_ssize_t nbytes):
-    """A new segment of `nbytes` bytes under a fresh, unguessable name."""
+def create(Py_ssize_t nbytes, bytes prefix not None):
+    """A new segment of `nbytes` bytes named "/<prefix><12 random chars>"
+    (unguessable); the prefix comes with each call, so no setting is shared
+    between threads (see session.persistent())."""
     if nbytes < 0:
         raise ValueError(f"negative size: {nbytes}")
+    cdef size_t prefix_len = _check_prefix(prefix)
     cdef char path[PREFIX_CAP + RANDOM_CHARS + 1]
     cdef size_t length = nbytes if nbytes > 0 else 1
     cdef void *addr = NULL
@@ -280,7 +282,7 @@ def create(Py_ssize_t nbytes):
     cdef int rc = EEXIST
     cdef int attempt
     for attempt in range(CREATE_ATTEMPTS):
-        rc = _new_path(path)
+        rc = _new_path(path, prefix, prefix_len)
         if rc != 0:
             break
         with nogil:

@@ -82,9 +82,9 @@ class SharedMemoryArray(np.ndarray):
     def __new__(cls, shape: Iterable[int], dtype: npt.DTypeLike = float) -> SharedMemoryArray:
         dtype = _check_dtype(dtype)
         shape, nbytes = _shm.layout(shape, dtype.itemsize)
-        if not session.reaper_started:  # the only per-array cost of sessions
-            session.start_reaper()
-        segment = _shm.create(nbytes)
+        if not session.joined:  # the only per-array cost of sessions
+            session.join()
+        segment = _shm.create(nbytes, session.creation_prefix())
         try:
             return np.ndarray.__new__(cls, shape, dtype, buffer=segment)
         except BaseException:  # e.g. too many dimensions: leave nothing behind
@@ -251,6 +251,8 @@ def _map(
         if len(strides) != len(shape):
             raise ValueError(f"strides {strides} do not match shape {shape}")
         needed = _extent(shape, strides, dtype.itemsize, offset)
+    if not session.joined:
+        session.join()
     segment = _shm.open(name, needed)
     return np.ndarray.__new__(cls, shape, dtype, buffer=segment, offset=offset, strides=strides)
 
