@@ -512,6 +512,28 @@ def test_the_reaper_sees_its_root_die_and_not_a_recycled_pid(monkeypatch, pidfd)
         proc.wait()
 
 
+def test_the_reaper_keeps_no_inherited_descriptor_open():
+    # A pipe whose write end a program lets be inherited (a worker's
+    # sentinel, say) must reach EOF once the program closes it: the reaper,
+    # which outlives the program, must not hold it.
+    proc = run_python(
+        """
+        import os, select
+        import numpy as np
+        from grain_shm import SharedMemoryArray
+        r, w = os.pipe()
+        os.set_inheritable(w, True)
+        arr = SharedMemoryArray((8,), np.uint8)  # starts the reaper
+        arr.unlink_on_del()
+        os.close(w)
+        ready, _, _ = select.select([r], [], [], 10)
+        print("eof" if ready and os.read(r, 1) == b"" else "held open")
+        """,
+        env={"GRAIN_SHM_SESSION": ""},  # a session of its own, with its own reaper
+    )
+    assert proc.stdout.strip() == "eof"
+
+
 def test_the_reaper_is_not_a_child_of_the_tree(tmp_path):
     # Code that waits for all its children (`while True: os.wait()`) must not
     # wait for the reaper, which lives as long as the root.

@@ -290,6 +290,10 @@ def main(argv: list[str]) -> int:
     import socket
 
     session, fd = argv[-2], int(argv[-1])
+    # Whatever else the launching process let be inherited (pipes whose end a
+    # parent waits for, a worker's sentinel...) is not ours to keep open.
+    os.closerange(3, fd)
+    os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
     listener = socket.socket(fileno=fd)  # bound and listening: the session's lock
     # The tree's Ctrl-C, hang-up or stop signal (systemd sends SIGTERM to the
     # whole cgroup) must not kill the reaper before the tree is gone; it exits

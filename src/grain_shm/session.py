@@ -193,8 +193,10 @@ def _spawn(listener_fd: int) -> None:
     finally:
         os.close(write_end)
         os.set_inheritable(listener_fd, False)
+    # One line, not up to EOF: a process forked meanwhile by another thread
+    # may hold the write end.
     with os.fdopen(read_end, "rb") as out:
-        pid = int(out.read() or 0)
+        pid = int(out.readline() or 0)
     os.waitpid(sh, 0)
     # Orphaned by sh, the reaper now has a new parent. If that is this process
     # or the root (a child subreaper, or PID 1 of a pid namespace), it would
