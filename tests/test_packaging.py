@@ -70,3 +70,17 @@ def test_the_start_up_hook_is_installed_and_costs_nothing_unset():
         out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
                              text=True, timeout=60, check=True).stdout.strip()
         assert out == expected, (value, out)
+
+
+def test_import_leaves_heavy_modules_unimported():
+    """What `import grain_shm` must not cost (issue 11: <= 10 ms beyond numpy,
+    measured by benchmarks/fixed_costs.py): modules needed only by the reaper
+    launch, the admin commands or multiprocessing are imported when used."""
+    probe = ("import numpy, sys; before = set(sys.modules); import grain_shm; "
+             "print(' '.join(sorted(set(sys.modules) - before)))")
+    env = {k: v for k, v in os.environ.items() if k != "GRAIN_SHM_PATCH_GRAIN"}
+    new = set(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                             text=True, timeout=60, check=True).stdout.split())
+    heavy = {"socket", "subprocess", "multiprocessing", "threading", "numpy.typing",
+             "grain_shm.admin", "grain_shm.bench", "ctypes"}
+    assert not new & heavy, sorted(new & heavy)

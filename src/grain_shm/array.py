@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Iterable, Optional, SupportsIndex, Tuple
+from typing import TYPE_CHECKING, Any, Iterable, Optional, SupportsIndex, Tuple
 
 import numpy as np
-import numpy.typing as npt
+
+if TYPE_CHECKING:  # annotations only: numpy.typing costs ~1 ms to import
+    import numpy.typing as npt
 
 from grain_shm import _shm, session
 

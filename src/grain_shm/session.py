@@ -27,13 +27,14 @@ To keep a segment after its tree is gone, create it inside `persistent()`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import _thread  # not threading, which costs ~1 ms to import
 import contextvars
+import errno
 import os
 import sys
-import threading
 from collections.abc import Iterator
-from multiprocessing import util
 from typing import Any
 
 from grain_shm import _shm, names, reaper
@@ -97,7 +98,7 @@ def persistent() -> Iterator[None]:
 # Checked by SharedMemoryArray before every creation and open; a forked child
 # inherits True, which is right: it inherits the connection too.
 joined = False
-_join_lock = threading.Lock()
+_join_lock = _thread.allocate_lock()
 _member: Any = None  # this process's registration: held until it exits
 
 
@@ -141,35 +142,55 @@ def join() -> None:
             member.close()
 
 
+_launched = _thread.allocate_lock()  # held while a launch is under way
+
+
 def _start_reaper(member: Any, _socket: Any) -> bool:
     """Bind the session's reaper socket, connect `member` to it, and start
-    the reaper on it without waiting for it: False if another process bound
-    it first. No reaper is left running where it would be the tree's child."""
+    the reaper on it in the background: False if another process bound it
+    first. The connection waits in the socket's backlog until the reaper
+    accepts it, so nothing here waits for the reaper, nor for sh to start."""
     listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        try:
-            listener.bind(names.reaper_address(SESSION))
-        except OSError:
-            return False  # EADDRINUSE: someone else just started one
+        listener.bind(names.reaper_address(SESSION))
         listener.listen(4096)
-        member.connect(names.reaper_address(SESSION))  # queued until the reaper accepts
-        # PID 1 (of a container, say) would be the orphaned reaper's parent,
-        # and kills it when it dies.
-        pid_1 = os.getpid() == 1 or reaper.root_of(SESSION)[0] == 1
-        if sys.executable and os.path.exists("/bin/sh") and not pid_1:
-            _spawn(listener.fileno())
-        return True
+        member.connect(names.reaper_address(SESSION))
     except OSError as e:
-        import warnings
-
-        warnings.warn(
-            f"grain_shm: cannot start the session reaper ({e}); segments left "
-            "by a crash stay until `python -m grain_shm gc`",
-            stacklevel=4,
-        )
+        listener.close()
+        if e.errno == errno.EADDRINUSE:  # someone else just started one
+            return False
+        _warn(e)
         return True
+    # PID 1 (of a container, say) would be the orphaned reaper's parent,
+    # and kills it when it dies.
+    pid_1 = os.getpid() == 1 or reaper.root_of(SESSION)[0] == 1
+    if not sys.executable or not os.path.exists("/bin/sh") or pid_1:
+        listener.close()
+        return True
+    # _thread, not threading: Thread.start() waits until the thread runs.
+    _launched.acquire()
+    _thread.start_new_thread(_launch, (listener,))
+    return True
+
+
+def _warn(error: OSError) -> None:
+    import warnings
+
+    warnings.warn(
+        f"grain_shm: cannot start the session reaper ({error}); segments left "
+        "by a crash stay until `python -m grain_shm gc`",
+        stacklevel=5,
+    )
+
+
+def _launch(listener: Any) -> None:
+    try:
+        _spawn(listener.fileno())
+    except OSError as e:
+        _warn(e)
     finally:
         listener.close()  # the reaper holds its own copy
+        _launched.release()
 
 
 def _spawn(listener_fd: int) -> None:
@@ -197,17 +218,26 @@ def _spawn(listener_fd: int) -> None:
     # may hold the write end.
     with os.fdopen(read_end, "rb") as out:
         pid = int(out.readline() or 0)
-    os.waitpid(sh, 0)
+    _reap(sh)
     # Orphaned by sh, the reaper now has a new parent. If that is this process
     # or the root (a child subreaper, or PID 1 of a pid namespace), it would
     # be the tree's child: stop it before Python has even started.
     if pid and reaper.parent_of(pid) in (os.getpid(), reaper.root_of(SESSION)[0]):
         os.kill(pid, 9)
         if reaper.parent_of(pid) == os.getpid():
-            os.waitpid(pid, 0)
+            _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass  # the program's own `os.wait()` was first
 
 
 def _unlink_owned_at_exit() -> None:
+    if _launched.acquire(timeout=5):  # a reaper for what this process leaves to others
+        _launched.release()
     _shm.stop_async_release()  # pending releases first: their names are no longer owned
     _shm.unlink_owned()
 
@@ -221,15 +251,39 @@ def _register_exit_cleanup(*_: object) -> None:
     atexit. Finalizers are per process: a forked multiprocessing worker
     drops the ones it inherited, then runs its after-fork hooks, which
     register ours again; a plain os.fork() child registers at fork."""
+    util = sys.modules["multiprocessing.util"]
     util.Finalize(None, _unlink_owned_at_exit, exitpriority=-100)
 
 
+_hooked_multiprocessing = False
+
+
+def _hook_multiprocessing() -> None:
+    """Register with multiprocessing, once it is imported (see above)."""
+    global _hooked_multiprocessing
+    if "multiprocessing.util" in sys.modules and not _hooked_multiprocessing:
+        _hooked_multiprocessing = True
+        _register_exit_cleanup()
+        sys.modules["multiprocessing.util"].register_after_fork(
+            _unlink_owned_at_exit, _register_exit_cleanup
+        )
+
+
 def _after_fork_in_child() -> None:
-    global _join_lock
-    _join_lock = threading.Lock()  # the forking thread may have held it
-    _register_exit_cleanup()
+    global _join_lock, _launched
+    _join_lock = _thread.allocate_lock()  # the forking thread may have held it
+    _launched = _thread.allocate_lock()  # a launch under way is the parent's
+    if _hooked_multiprocessing:
+        _register_exit_cleanup()
+    else:  # imported since? Then this may be a multiprocessing worker
+        _hook_multiprocessing()
 
 
-_register_exit_cleanup()
-util.register_after_fork(_unlink_owned_at_exit, _register_exit_cleanup)
+# multiprocessing is not imported for this (it costs more than the rest of
+# grain_shm's import): without it, atexit, whose handlers run last-registered
+# first, so after the exit handler of a multiprocessing imported later.
+if "multiprocessing.util" in sys.modules:
+    _hook_multiprocessing()
+else:
+    atexit.register(_unlink_owned_at_exit)
 os.register_at_fork(after_in_child=_after_fork_in_child)
