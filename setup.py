@@ -1,10 +1,29 @@
-"""The one extension, grain_shm._shm; everything else is in pyproject.toml."""
+"""The one extension, grain_shm._shm, and the start-up hook grain_shm.pth;
+everything else is in pyproject.toml."""
 
+import os
 import sys
 
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
+
+PTH = "grain_shm.pth"  # runs grain_shm.patch_grain() at start-up if GRAIN_SHM_PATCH_GRAIN is set
+
+
+class build_py_with_pth(build_py):
+    """Also put grain_shm.pth at the root of the build, so the wheel installs
+    it into site-packages, where the interpreter runs .pth files."""
+
+    def run(self):
+        super().run()
+        self.copy_file(os.path.join("src", PTH), os.path.join(self.build_lib, PTH),
+                       preserve_mode=False)
+
+    def get_outputs(self, include_bytecode=True):
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH)]
+
 
 extension = Extension(
     "grain_shm._shm",
@@ -24,6 +43,7 @@ extension = Extension(
 )
 
 setup(
+    cmdclass={"build_py": build_py_with_pth},
     ext_modules=cythonize(
         [extension],
         language_level=3,

@@ -2,8 +2,8 @@
 
 The sdist must hold every one of them (so it builds from its own sources,
 .pyx/.pxd/.h included) and not the C file cythonize generates; the wheel must
-hold every file of the package (src/grain_shm/...), the compiled core and the
-license. Usage: git ls-files ... | python3 check_dist.py SDIST WHEEL
+hold every file of the package (src/grain_shm/...), the compiled core, the
+license, and grain_shm.pth at its root (installed into site-packages). Usage: git ls-files ... | python3 check_dist.py SDIST WHEEL
 """
 
 import sys
@@ -30,6 +30,8 @@ if "src/grain_shm/_shm.c" in in_sdist:
     problems.append("sdist ships the generated _shm.c")
 if not any(n.startswith("grain_shm/_shm.") and n.endswith(".so") for n in in_wheel):
     problems.append("wheel lacks the compiled grain_shm._shm")
+if "grain_shm.pth" not in in_wheel:
+    problems.append("wheel lacks grain_shm.pth at its root")
 if not any(n.endswith(".dist-info/licenses/LICENSE") for n in in_wheel):
     problems.append("wheel lacks LICENSE")
 
@@ -37,4 +39,5 @@ for problem in problems:
     print(problem)
 if problems:
     sys.exit(1)
-print(f"{top}: {len(tracked)} tracked files in the sdist; package files, core and license in the wheel")
+print(f"{top}: {len(tracked)} tracked files in the sdist; package files, core, "
+      "license and grain_shm.pth in the wheel")

@@ -29,7 +29,7 @@ Per array size it reports
 Targets (issue 4): async release_us <= 2 at every size; async loop_us <= sync.
 The loop can only gain from deferring if a core is free to do the releases.
 
-  python benchmarks/async_release.py [--json PATH] [--rounds N] [--quick]
+  python benchmarks/async_release.py [--json PATH] [--rounds N] [--quick] [--tiny]
 """
 
 from __future__ import annotations
@@ -221,8 +221,11 @@ def main():
     parser.add_argument("--json", metavar="PATH", help="write JSON here instead of stdout")
     parser.add_argument("--rounds", type=int, default=5, help="turns each mode takes (5)")
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke test)")
+    parser.add_argument("--tiny", action="store_true", help="--quick, one round (CI)")
     parser.add_argument("--modes", help=argparse.SUPPRESS)  # a child's share of the work
     args = parser.parse_args()
+    if args.tiny:
+        args.quick, args.rounds = True, 1
 
     if args.modes:
         json.dump(measure(args.modes.split(","), args.rounds, args.quick), sys.stdout)

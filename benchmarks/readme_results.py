@@ -1,6 +1,7 @@
 """Regenerate the figures in README.md's "## Results" from one fresh full run.
 
     python benchmarks/readme_results.py [extra bench options]
+    python benchmarks/readme_results.py --tiny   # CI: a quick run, nothing written
 
 runs `python -m grain_shm bench --markdown --plot docs/bench.png --json
 bench.json` from the repository root and puts its tables between the README's
@@ -9,9 +10,11 @@ never edited by hand. Nothing is written if the run fails (a leak, a failed
 checksum): its tables are printed instead.
 """
 
+import importlib.util
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -19,7 +22,26 @@ COMMAND = [sys.executable, "-m", "grain_shm", "bench", "--markdown",
            "--plot", "docs/bench.png", "--json", "bench.json"]
 
 
+def tiny() -> int:
+    """The same command, quick, on one size, into a scratch directory (and
+    without the plot where matplotlib is missing): that it runs and renders
+    the tables, without touching README.md or docs/."""
+    with tempfile.TemporaryDirectory() as scratch:
+        command = [sys.executable, "-m", "grain_shm", "bench", "--markdown", "--quick",
+                   "--sizes", "64K", "--json", f"{scratch}/bench.json"]
+        if importlib.util.find_spec("matplotlib"):
+            command += ["--plot", f"{scratch}/bench.png"]
+        run = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    print(run.stdout)
+    if run.returncode == 0 and "| size |" not in run.stdout:
+        print("no markdown table in the output", file=sys.stderr)
+        return 1
+    return run.returncode
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--tiny"]:
+        return tiny()
     run = subprocess.run(COMMAND + sys.argv[1:], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     if run.returncode != 0:
         print(run.stdout)

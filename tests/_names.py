@@ -11,7 +11,7 @@ import os
 
 from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata, _shm
 
-SHM_DIR = "/dev/shm"
+from grain_shm.names import SHM_DIR
 RECYCLING = os.environ.get("GRAIN_SHM_RECYCLE", "").strip() not in ("", "0")
 
 

@@ -17,7 +17,7 @@ import sys
 import textwrap
 import time
 
-SHM_DIR = "/dev/shm"
+from grain_shm.names import SHM_DIR
 
 
 def clean_env(**extra) -> dict:
@@ -138,7 +138,7 @@ def reapers(session: str) -> list[int]:
         if not entry.isdigit():
             continue
         argv = _cmdline(int(entry)).split(b"\0")
-        if any(a.endswith(b"reaper.py") for a in argv) and session.encode() in argv:
+        if any(b"reaper.main" in a for a in argv) and session.encode() in argv:
             found.append(int(entry))
     return found
 

@@ -63,7 +63,7 @@ def fresh_segments():
     _shm.disable_pool()
     yield
     if limit:
-        _shm.enable_pool(limit)
+        SharedMemoryArray.enable_recycling(limit)
 
 
 def run_python(code, *, timeout=120, env=None, check=True, args=()):

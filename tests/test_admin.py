@@ -11,7 +11,9 @@ import pytest
 
 from grain_shm import reaper
 
-from _trees import SHM_DIR, Tree, clean_env, existing, wait_gone, wait_reapers_gone
+from _trees import (
+    SHM_DIR, Tree, clean_env, existing, reapers, wait_gone, wait_reapers_gone,
+)
 
 pytestmark = pytest.mark.skipif(
     not os.path.isdir(SHM_DIR), reason="ls and gc read /dev/shm (Linux)"
@@ -104,7 +106,8 @@ def _can_nest_pid_namespaces():
 def test_gc_judges_a_container_session_only_from_the_host(tmp_path):
     """A tree in its own pid namespace (a container sharing /dev/shm, as with
     `docker --ipc=host`): from the initial namespace gc sees its processes and
-    so whether it lives; from another namespace it cannot, and keeps it."""
+    so whether it lives; so does any namespace that shares its network
+    namespace (the session's sockets); from another it cannot, and keeps it."""
     if not _can_nest_pid_namespaces():
         pytest.skip("needs root in the initial pid namespace, with unshare --pid")
     tree = Tree(tmp_path, LIVE_TREE, wrapper=NEW_PID_NAMESPACE)
@@ -120,10 +123,19 @@ def test_gc_judges_a_container_session_only_from_the_host(tmp_path):
             capture_output=True, text=True, timeout=60, env=clean_env(),
         )
         records = {r["name"]: r for r in json.loads(nested.stdout)}
+        assert all(records[n]["alive"] is True for n in names)  # by its sockets
+        isolated = subprocess.run(
+            [*NEW_PID_NAMESPACE, "--net", sys.executable, "-m", "grain_shm", "ls", "--json"],
+            capture_output=True, text=True, timeout=60, env=clean_env(),
+        )
+        records = {r["name"]: r for r in json.loads(isolated.stdout)}
         assert all(records[n]["alive"] is None for n in names)  # unknown there
+        assert all(records[n]["reaper"] is False for n in names)
         assert existing(names) == names
+        # Its root is PID 1 there: no reaper, which would die with it anyway.
+        assert not reapers(info["session"])
 
-        # The container goes, its reaper with it (killed with the namespace).
+        # The container goes; gc from the host frees what it left.
         tree.kill_group()
         tree.proc.wait(timeout=30)
         assert existing(names) == names

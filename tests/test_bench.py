@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-SECTIONS = ["ceilings", "transfer", "cfd", "release"]
+SECTIONS = ["ceilings", "transfer", "cfd", "release", "grain-pipeline"]
+HAVE_GRAIN = importlib.util.find_spec("grain") is not None
 TRANSPORTS = ["pickle", "stdlib", "grain_shm", "grain_shm-async"]
 SUMMARY_KEYS = {"n", "median", "p10", "p90", "min", "max", "mean"}
 
@@ -55,11 +56,12 @@ def test_run_is_described(quick_run):
 def test_every_cell_ran_or_says_why_not(quick_run):
     doc, _ = quick_run
     cells = {(c["section"], c["transport"]): c for c in doc["cells"]}
-    expected = {("ceilings", None)} | {(s, t) for s in SECTIONS[1:] for t in TRANSPORTS}
+    expected = {("ceilings", None), ("grain-pipeline", "grain_shm")}
+    expected |= {(s, t) for s in SECTIONS[1:4] for t in TRANSPORTS}
     assert cells.keys() == expected
     for key, cell in cells.items():
-        if key[1] == "grain_shm-async" and cell["status"] == "skipped":
-            assert "enable_async_del" in cell["reason"]
+        if key[0] == "grain-pipeline" and not HAVE_GRAIN:
+            assert cell["status"] == "skipped" and "grain is not installed" in cell["reason"]
         else:
             assert cell["status"] == "ok", cell
 
@@ -75,6 +77,10 @@ def test_figures_are_where_the_json_promises(quick_run):
             assert result["timed_arrays"] >= 3
             assert result["gbps"].keys() == result["arrays_per_s"].keys() == SUMMARY_KEYS
             assert result["producer_cpu_us"] > 0 and result["consumer_cpu_us"] > 0
+        elif cell["section"] == "grain-pipeline":
+            assert result["size"] == 65536 and result["runs"] >= 1
+            assert result["steady_elements_per_s"] > 0
+            assert result["end_to_end_elements_per_s"] > 0
         elif cell["section"] == "ceilings":
             (row,) = result["sizes"]
             for figure in ("memcpy", "first_touch_fill", "fresh_read"):
@@ -92,7 +98,7 @@ def test_no_leak_and_tables_printed(quick_run):
     assert doc["leak_check"]["leaked"] == []
     assert "| size | transport | GB/s |" in proc.stdout
     assert "Leak check: /dev/shm holds nothing new." in proc.stdout
-    assert "[cell 13/13]" in proc.stderr
+    assert "[cell 14/14]" in proc.stderr
 
 
 @pytest.mark.parametrize(

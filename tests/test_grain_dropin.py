@@ -1,13 +1,12 @@
 """Drop-in proof: Grain's own pipelines run on grain_shm.
 
 Grain's `mp_prefetch` (dataset API) and `DataLoader` run with 2 worker
-processes after grain_shm's five names are put in place of those in
-`grain._src.python.ipc.shared_memory_array`, in the workers too. Each run
-happens in a child interpreter (a crash is reported with its signal, and the
-patch never reaches this process). The patch is tests/dropin/site/
-sitecustomize.py, on the child's PYTHONPATH: every interpreter imports it at
-start-up, and Grain's workers are spawned interpreters that inherit the
-environment. The pipelines are in tests/dropin/pipelines.py.
+processes on grain_shm the way users run them: GRAIN_SHM_PATCH_GRAIN=1 in
+the environment, which the grain_shm.pth file installed in site-packages
+honours at every interpreter's start-up (grain_shm.patch_grain()), Grain's
+spawned workers included. Each run happens in a child interpreter (a crash
+is reported with its signal, and the patch never reaches this process). The
+pipelines are in tests/dropin/pipelines.py.
 
 What is checked, per pipeline:
 - the elements, in order, equal those of the same pipeline run with Grain's
@@ -15,11 +14,12 @@ What is checked, per pipeline:
   record arrives exactly once;
 - grain_shm carried them: every array the consumer got is a grain_shm
   SharedMemoryArray over a segment named with this test run's grain_shm
-  session, opened by grain_shm's open_from_shm (so the consumer owns it),
-  and made by 2 worker processes other than the consumer; Grain's own
-  stdlib-backed path is a tripwire in every process;
+  session (so made by patched workers: Grain's would be "psm_..."), opened
+  by grain_shm's open_from_shm (so the consumer owns it), and made by 2
+  worker processes other than the consumer;
 - afterwards /dev/shm holds none of the session's segments, no worker
-  process is left, and the child printed no traceback or warning.
+  process is left, and the child printed no traceback or warning, the
+  resource tracker's included (stock Grain's can print one at exit).
 """
 
 import json
@@ -88,7 +88,7 @@ def grain_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("grain_reference") / "report.json"
     run_python(
         DRIVER,
-        env={"PYTHONPATH": _pythonpath(DROPIN)},
+        env={"PYTHONPATH": _pythonpath(DROPIN), "GRAIN_SHM_PATCH_GRAIN": "0"},
         args=(str(out), *PIPELINES),
         timeout=90,
     )
@@ -107,7 +107,7 @@ def _run_with_grain_shm(name, out):
     # The child inherits this process's grain_shm session (GRAIN_SHM_SESSION),
     # so its segments are named as this test run's, apart from any other
     # process sharing /dev/shm.
-    env = {"PYTHONPATH": _pythonpath(os.path.join(DROPIN, "site"), DROPIN)}
+    env = {"PYTHONPATH": _pythonpath(DROPIN), "GRAIN_SHM_PATCH_GRAIN": "1"}
     proc = run_python(DRIVER, env=env, args=args, timeout=90)
     return json.loads(out.read_text()), proc.stderr
 
@@ -143,5 +143,5 @@ def test_grain_pipeline_runs_on_grain_shm(name, grain_reference, tmp_path):
     assert not [pid for pid in workers if _alive(pid)]
     # ...and nothing printed on the way out (Grain's own run prints
     # resource_tracker warnings and ignored exceptions here).
-    for noise in ("Traceback", "Exception ignored", "leaked"):
+    for noise in ("Traceback", "Exception ignored", "leaked", "resource_tracker"):
         assert noise not in stderr, stderr

@@ -38,7 +38,7 @@ def test_stub_names_the_public_core():
         if isinstance(node, (ast.FunctionDef, ast.ClassDef))
     }
     used = {"Segment", "create", "open", "unlink", "unlink_owned", "layout",
-            "segment_of", "data_offset", "set_name_prefix"}
+            "segment_of", "data_offset"}
     assert used <= stubbed
     assert all(callable(getattr(_shm, name)) for name in used)
 
@@ -53,3 +53,34 @@ def test_typed_usage_example_runs():
         [sys.executable, example], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_start_up_hook_is_installed_and_costs_nothing_unset():
+    """grain_shm.pth sits in site-packages; without GRAIN_SHM_PATCH_GRAIN an
+    interpreter imports nothing of grain_shm, with it grain_shm is loaded."""
+    site_dir = os.path.dirname(PACKAGE_DIR)
+    with open(os.path.join(site_dir, "grain_shm.pth")) as f:
+        (line,) = f.read().splitlines()
+    assert line.startswith("import os;") and "GRAIN_SHM_PATCH_GRAIN" in line
+    probe = "import sys; print('grain_shm' in sys.modules, 'numpy' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "GRAIN_SHM_PATCH_GRAIN"}
+    for value, expected in ((None, "False False"), ("0", "False False"), ("1", "True True")):
+        if value is not None:
+            env["GRAIN_SHM_PATCH_GRAIN"] = value
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                             text=True, timeout=60, check=True).stdout.strip()
+        assert out == expected, (value, out)
+
+
+def test_import_leaves_heavy_modules_unimported():
+    """What `import grain_shm` must not cost (issue 11: <= 10 ms beyond numpy,
+    measured by benchmarks/fixed_costs.py): modules needed only by the reaper
+    launch, the admin commands or multiprocessing are imported when used."""
+    probe = ("import numpy, sys; before = set(sys.modules); import grain_shm; "
+             "print(' '.join(sorted(set(sys.modules) - before)))")
+    env = {k: v for k, v in os.environ.items() if k != "GRAIN_SHM_PATCH_GRAIN"}
+    new = set(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                             text=True, timeout=60, check=True).stdout.split())
+    heavy = {"socket", "subprocess", "multiprocessing", "threading", "numpy.typing",
+             "grain_shm.admin", "grain_shm.bench", "ctypes"}
+    assert not new & heavy, sorted(new & heavy)

@@ -32,7 +32,7 @@ def pool():
     SharedMemoryArray.enable_recycling(64 * MiB)
     yield
     if before:
-        _shm.enable_pool(before)
+        SharedMemoryArray.enable_recycling(before)
     else:
         SharedMemoryArray._disable_recycling()
 
@@ -429,6 +429,7 @@ def test_many_cycles_leave_nothing_and_the_pool_returns_to_idle():
             queue, out = ctx.Queue(maxsize=8), ctx.Queue()
             child = ctx.Process(target=consume, args=(queue, out))
             child.start()
+            SharedMemoryArray((1,), np.uint8).unlink_on_del()  # joins the session: one socket
             base_fds = fds()
             for i in range(N):
                 arr = SharedMemoryArray((64,), np.uint8)

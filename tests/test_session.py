@@ -65,7 +65,7 @@ if __name__ == "__main__":
 """
 
 
-def test_sigkill_of_the_root_reclaims_everything_within_a_second(tmp_path):
+def test_a_member_outliving_the_root_keeps_the_session_until_it_dies(tmp_path):
     tree = Tree(tmp_path, TWENTY)
     try:
         info = tree.report()
@@ -78,14 +78,34 @@ def test_sigkill_of_the_root_reclaims_everything_within_a_second(tmp_path):
             for ref in info["refs"]
         ]
         os.kill(tree.pid, signal.SIGKILL)
+        # The worker made segments and lives on: nothing of the session goes,
+        # neither by the reaper nor by gc.
+        time.sleep(1.5)
+        assert len(existing(names)) == 20, "swept while a member lived"
+        gc = subprocess.run([sys.executable, "-m", "grain_shm", "gc"], env=clean_env(),
+                            capture_output=True, text=True, timeout=60)
+        assert gc.returncode == 0 and len(existing(names)) == 20, gc.stdout
+        os.kill(info["worker"], signal.SIGKILL)  # the last member
         latency = wait_gone(names)
         assert latency is not None, f"not reclaimed: {existing(names)}"
-        print(f"reclaimed 20 segments {latency * 1000:.1f} ms after SIGKILL")
-        assert latency < 1.5, f"reclaim took {latency:.2f} s (target: 1 s)"
+        print(f"reclaimed 20 segments {latency * 1000:.1f} ms after the last member's SIGKILL")
+        assert latency < 1.0, f"reclaim took {latency:.2f} s (target: 1 s)"
         for arr, value in zip(readers, info["values"]):
             assert (arr == value).all()  # unlinking removed names, not memory
-        os.kill(info["worker"], 0)  # the worker still runs: the reaper did it
         del readers
+    finally:
+        tree.close()
+    assert wait_reapers_gone(info["session"])
+
+
+def test_sigkill_of_the_root_reclaims_within_a_second(tmp_path):
+    tree = Tree(tmp_path, KEEP_UNTIL_STDIN_CLOSES)
+    try:
+        info = tree.report()
+        assert len(existing(info["names"])) == 4
+        os.kill(tree.pid, signal.SIGKILL)
+        latency = wait_gone(info["names"])
+        assert latency is not None and latency < 1.0, latency
     finally:
         tree.close()
     assert wait_reapers_gone(info["session"])
@@ -225,51 +245,112 @@ def test_members_starting_at_once_share_one_reaper(tmp_path):
     assert wait_reapers_gone(session)
 
 
-def test_a_reaper_started_after_the_root_died_sweeps_at_once(tmp_path):
-    # A member joins while the root lives, and makes its first segment (so
-    # starts the reaper) only after the root is gone.
-    member, result = tmp_path / "member.py", tmp_path / "result.json"
-    member.write_text(
-        "import json, os, sys, time\n"
-        "import numpy as np\n"
-        "from grain_shm import SharedMemoryArray, session\n"
-        "print('joined', flush=True)\n"
-        "sys.stdin.readline()  # EOF: the root is dead\n"
-        "a = SharedMemoryArray((16,), np.int16)\n"
-        "a[:] = 5\n"
-        "name = a.metadata.name\n"
-        "deadline = time.monotonic() + 10\n"
-        "while os.path.exists('/dev/shm/' + name) and time.monotonic() < deadline:\n"
-        "    time.sleep(0.01)\n"
-        "info = {'session': session.SESSION, 'name': name,\n"
-        "        'gone': not os.path.exists('/dev/shm/' + name),\n"
-        "        'still_reads': bool((a == 5).all())}\n"
-        f"open({str(result)!r} + '.tmp', 'w').write(json.dumps(info))\n"
-        f"os.rename({str(result)!r} + '.tmp', {str(result)!r})\n"
-    )
+HELPER = """
+import json, os, sys, time
+import numpy as np
+from grain_shm import SharedMemoryArray, session
+
+print("joined", flush=True)
+sys.stdin.readline()  # EOF: the root is dead
+arrays = []
+for _ in range(3):
+    a = SharedMemoryArray((16,), np.int16)
+    a[:] = 5
+    arrays.append(a)
+    time.sleep(0.4)
+info = {"session": session.SESSION, "names": [a.metadata.name for a in arrays],
+        "there": [os.path.exists("/dev/shm/" + a.metadata.name) for a in arrays]}
+with open(sys.argv[1] + ".tmp", "w") as f:
+    json.dump(info, f)
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(600)
+"""
+
+
+def test_a_helper_that_outlives_the_root_keeps_its_segments_until_it_dies(tmp_path):
+    # The reported case: a program starts a long-lived helper with
+    # start_new_session=True, which joins the program's grain_shm session by
+    # the environment, and makes its first arrays after the program is gone.
+    helper, result = tmp_path / "helper.py", tmp_path / "result.json"
+    helper.write_text(HELPER)
     tree = Tree(tmp_path, f"""
         import json, subprocess, sys
-        import grain_shm  # the root of a session, with no segment yet
-        from grain_shm import session
-        member = subprocess.Popen([sys.executable, {str(member)!r}],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        member.stdout.readline()
-        print(json.dumps({{"session": session.SESSION}}), flush=True)
+        import numpy as np
+        from grain_shm import SharedMemoryArray, session
+        a = SharedMemoryArray((8,), np.uint8)  # the root's reaper runs
+        helper = subprocess.Popen([sys.executable, {str(helper)!r}, {str(result)!r}],
+                                  start_new_session=True, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE)
+        helper.stdout.readline()  # it has imported grain_shm: it is of this session
+        print(json.dumps({{"session": session.SESSION, "helper": helper.pid,
+                           "root_name": a.metadata.name}}), flush=True)
         sys.stdin.read()
     """)
+    helper_pid = None
     try:
-        session = tree.report()["session"]
-        os.kill(tree.pid, signal.SIGKILL)  # the member's stdin closes with it
+        info = tree.report()
+        helper_pid = info["helper"]
+        os.kill(tree.pid, signal.SIGKILL)  # the helper is in another group: it lives
         deadline = time.monotonic() + 30
         while not result.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        info = json.loads(result.read_text())
-        assert info["session"] == session  # it had joined the root's session
-        assert info["gone"], "the reaper did not sweep a dead root's session"
-        assert info["still_reads"]
+        made = json.loads(result.read_text())
+        assert made["session"] == info["session"]  # it joined the root's session
+        assert all(made["there"]), "swept while the helper used them"
+        gc = subprocess.run([sys.executable, "-m", "grain_shm", "gc"], env=clean_env(),
+                            capture_output=True, text=True, timeout=60)
+        assert gc.returncode == 0 and len(existing(made["names"])) == 3, gc.stdout
+        ls = subprocess.run([sys.executable, "-m", "grain_shm", "ls", "--json"],
+                            env=clean_env(), capture_output=True, text=True, timeout=60)
+        records = {r["name"]: r for r in json.loads(ls.stdout)}
+        assert all(records[n]["alive"] is True and records[n]["reaper"] for n in made["names"])
+        os.kill(helper_pid, signal.SIGKILL)
+        latency = wait_gone(made["names"] + [info["root_name"]])
+        assert latency is not None and latency < 1.0, latency
     finally:
+        if helper_pid:
+            try:
+                os.kill(helper_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         tree.close()
-    assert wait_reapers_gone(session)
+    assert wait_reapers_gone(info["session"])
+
+
+def test_no_reaper_where_it_would_be_the_roots_own_child():
+    # A child subreaper adopts its orphaned descendants: a reaper would be its
+    # child, and its reaping loop would wait for it for ever.
+    proc = run_python(
+        """
+        import ctypes, json, os, signal
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+        import numpy as np
+        from grain_shm import SharedMemoryArray, session
+        arr = SharedMemoryArray((8,), np.uint8)
+        signal.alarm(20)  # a hang fails the test instead of blocking it
+        reaped = 0
+        while True:  # a subreaper's reaping loop ends once no child is left
+            try:
+                os.wait()
+                reaped += 1
+            except ChildProcessError:
+                break
+        print(json.dumps({"session": session.SESSION, "name": arr.metadata.name}))
+        """,
+        env={"GRAIN_SHM_SESSION": ""},  # a session of its own
+        timeout=60,
+    )
+    info = json.loads(proc.stdout)
+    assert not reapers(info["session"])
+    try:
+        assert existing([info["name"]]) == [info["name"]]  # nobody reaped it...
+        gc = subprocess.run([sys.executable, "-m", "grain_shm", "gc"], env=clean_env(),
+                            capture_output=True, text=True, timeout=60)
+        assert f"freed {info['name']}" in gc.stdout  # ...gc does, once the tree is gone
+    finally:
+        if existing([info["name"]]):
+            os.unlink(os.path.join("/dev/shm", info["name"]))
 
 
 def test_a_stale_session_in_the_environment_is_not_joined():
@@ -383,6 +464,32 @@ def test_persistent_restores_the_session_prefix():
         outer.unlink_on_del()
 
 
+def test_persistent_holds_for_its_own_thread_only():
+    import threading
+
+    inside, made = threading.Event(), threading.Event()
+    names = {}
+
+    def keeper():
+        with session_mod.persistent():
+            inside.set()
+            made.wait(30)  # another thread creates arrays meanwhile
+            kept = SharedMemoryArray((1,), np.uint8)
+            names["kept"] = kept.metadata.name
+            kept.unlink_on_del()
+
+    thread = threading.Thread(target=keeper)
+    thread.start()
+    assert inside.wait(30)
+    others = [SharedMemoryArray((1,), np.uint8) for _ in range(3)]
+    for a in others:
+        a.unlink_on_del()
+    made.set()
+    thread.join(30)
+    assert names["kept"].startswith("gsk_")
+    assert all(a.metadata.name.startswith(session_mod.SESSION_PREFIX) for a in others)
+
+
 @pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
 def test_the_reaper_sees_its_root_die_and_not_a_recycled_pid(monkeypatch, pidfd):
     import threading
@@ -409,25 +516,54 @@ def test_the_reaper_sees_its_root_die_and_not_a_recycled_pid(monkeypatch, pidfd)
         proc.wait()
 
 
-def test_the_reaper_is_not_a_child_of_the_tree(tmp_path):
-    # Code that waits for all its children (`while True: os.wait()`) must not
-    # wait for the reaper, which lives as long as the root.
+def test_the_reaper_keeps_no_inherited_descriptor_open():
+    # A pipe whose write end a program lets be inherited (a worker's
+    # sentinel, say) must reach EOF once the program closes it: the reaper,
+    # which outlives the program, must not hold it.
     proc = run_python(
         """
-        import os
+        import os, select
+        import numpy as np
+        from grain_shm import SharedMemoryArray
+        r, w = os.pipe()
+        os.set_inheritable(w, True)
+        arr = SharedMemoryArray((8,), np.uint8)  # starts the reaper
+        arr.unlink_on_del()
+        os.close(w)
+        ready, _, _ = select.select([r], [], [], 10)
+        print("eof" if ready and os.read(r, 1) == b"" else "held open")
+        """,
+        env={"GRAIN_SHM_SESSION": ""},  # a session of its own, with its own reaper
+    )
+    assert proc.stdout.strip() == "eof"
+
+
+def test_the_reaper_is_not_a_child_of_the_tree(tmp_path):
+    # Code that waits for all its children (`while True: os.wait()`) must not
+    # wait for the reaper, which lives as long as the root. (The sh that
+    # starts it is a child for a moment, and reaped.)
+    proc = run_python(
+        """
+        import os, time
         import numpy as np
         from grain_shm import SharedMemoryArray, session
         arr = SharedMemoryArray((8,), np.uint8)
         arr.unlink_on_del()
-        try:
-            os.waitpid(-1, os.WNOHANG)
-            print("has children")
-        except ChildProcessError:
-            print("no children")
+        deadline = time.monotonic() + 10
+        verdict = "has children"
+        while time.monotonic() < deadline:
+            try:
+                os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                verdict = "no children"
+                break
+            time.sleep(0.01)
+        print(verdict)
         print(session.SESSION)
         """,
         env={"GRAIN_SHM_SESSION": ""},  # a session of its own, with its own reaper
     )
     verdict, session_id = proc.stdout.strip().rsplit("\n", 1)
     assert verdict == "no children"
+    assert reapers(session_id)  # it runs, elsewhere
     assert wait_reapers_gone(session_id)

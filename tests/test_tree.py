@@ -68,7 +68,7 @@ def test_shared_arrays_and_their_views_pass_by_reference_without_a_copy():
     arr.unlink_on_del()
     arr[...] = np.arange(16).reshape(4, 4)
     before = own_entries()
-    out = copy_to_shm({"whole": arr, "column": arr[:, 1], "plain_view": arr.view(np.ndarray)[2:]})
+    out = copy_to_shm({"whole": arr, "column": arr[:, 1], "rows": arr[2:]})
     assert own_entries() == before  # no new segment: nothing copied
     for key, md in out.items():
         assert md.name == arr.metadata.name, key
@@ -76,6 +76,35 @@ def test_shared_arrays_and_their_views_pass_by_reference_without_a_copy():
     np.testing.assert_array_equal(column, arr[:, 1])
     column[0] = 100
     assert arr[0, 1] == 100
+
+
+def test_a_plain_view_of_a_shared_array_is_copied_not_handed_over():
+    # A producer's long-lived table: a plain ndarray view of it is not the
+    # caller's to give away; the receiver's open_from_shm owns what it gets.
+    table = SharedMemoryArray((100,), np.int64)
+    table.unlink_on_del()
+    table[:] = np.arange(100)
+    for _ in range(2):  # the second receiver still finds the table
+        sent = copy_to_shm({"x": np.asarray(table[10:20])})
+        assert sent["x"].name != table.metadata.name
+        received = open_from_shm(sent)
+        np.testing.assert_array_equal(received["x"], np.arange(10, 20))
+        received["x"][0] = -1  # a copy: the table is untouched
+        del received
+        assert os.path.exists("/dev/shm/" + table.metadata.name)
+        assert not os.path.exists("/dev/shm/" + sent["x"].name)
+    again = SharedMemoryArray.from_metadata(table.metadata)
+    np.testing.assert_array_equal(again, np.arange(100))
+
+
+def test_a_private_copy_of_a_shared_array_is_copied_to_shared_memory():
+    private = SharedMemoryArray((3,), np.int32)
+    private.unlink_on_del()
+    private[:] = 7
+    copy = private.copy()  # a SharedMemoryArray in private memory
+    sent = copy_to_shm(copy)
+    assert isinstance(sent, SharedMemoryArrayMetadata)
+    np.testing.assert_array_equal(open_from_shm(sent), [7, 7, 7])
 
 
 def test_open_from_shm_owns_what_it_opens():

@@ -13,6 +13,7 @@ else:  # pragma: no cover
     )
 
 from grain_shm.array import SharedMemoryArray, SharedMemoryArrayMetadata
+from grain_shm.grain_patch import patch_grain
 from grain_shm.options import MultiprocessingOptions
 from grain_shm.tree import copy_to_shm, open_from_shm, unlink_shm
 
@@ -22,6 +23,7 @@ __all__ = [
     "SharedMemoryArrayMetadata",
     "copy_to_shm",
     "open_from_shm",
+    "patch_grain",
     "unlink_shm",
 ]
 __version__ = "0.1.0"

@@ -1,9 +1,10 @@
 # cython: language_level=3
 """The core: POSIX shared-memory segments, straight on the system calls.
 
-A `Segment` is one mapping of one named segment.  It exports the buffer
-protocol, so an ndarray built on it keeps it alive through `arr.base`, and
-every view keeps it alive in turn.  When the last of them dies, `__dealloc__`
+A `Segment` is one mapping of one named segment, or one reference to a block
+of a pool arena (the pool's section below; its layout is in _pool.h).  An
+ndarray built over it (`wrap`) keeps it alive through `arr.base`, and every
+view keeps it alive in turn.  When the last of them dies, `__dealloc__`
 releases the mapping (and unlinks the name if this process owns it) in the one
 place that does so, or hands that release to the deleter (`enable_async_release`).
 No file descriptor stays open per segment.
@@ -56,7 +57,7 @@ if gs_release_init() != 0:
 # Longest name shm_open takes, without the leading "/": NAME_MAX on Linux,
 # PSHMNAMLEN (31 with the "/") on macOS.
 NAME_MAX = 30 if os.uname().sysname == "Darwin" else 255
-SHM_DIR = "/dev/shm"
+from grain_shm.names import SHM_DIR
 
 cdef enum:
     RANDOM_CHARS = 12            # 72 bits
@@ -71,30 +72,28 @@ cdef enum:
 # and child never draw the same names.
 cdef unsigned char _random_pool[RANDOM_POOL]
 cdef size_t _random_used = RANDOM_POOL
-cdef char _prefix[PREFIX_CAP + 1]
-cdef size_t _prefix_len = 0
 cdef char _empty_buffer[1]
 
 
-def set_name_prefix(str prefix not None):
-    """Set what every new segment name starts with (after the "/")."""
-    global _prefix_len
-    cdef bytes raw = prefix.encode("ascii")
-    if len(raw) + 1 > PREFIX_CAP or not all(
-        c.isalnum() or c in "._-" for c in prefix
-    ):
+cdef size_t _check_prefix(bytes prefix) except 0:
+    """The length of "/" + `prefix`; ValueError unless it fits and is a plain name."""
+    cdef const unsigned char *p = prefix
+    cdef Py_ssize_t i, n = len(prefix)
+    cdef unsigned char c
+    for i in range(n):
+        c = p[i]
+        if not (b"a"[0] <= c <= b"z"[0] or b"A"[0] <= c <= b"Z"[0]
+                or b"0"[0] <= c <= b"9"[0] or c == b"."[0] or c == b"_"[0] or c == b"-"[0]):
+            n = PREFIX_CAP
+    if n + 1 > PREFIX_CAP:
         raise ValueError(f"invalid segment name prefix {prefix!r}")
-    _prefix[0] = b"/"
-    memcpy(&_prefix[1], <char *>raw, len(raw))
-    _prefix_len = len(raw) + 1
+    return n + 1
 
 
-set_name_prefix("gs_")
-
-
-cdef int _new_path(char *out) noexcept:
+cdef int _new_path(char *out, const char *prefix, size_t prefix_len) noexcept:
     """Write "/<prefix><12 random chars>\\0" into out; 0 or an errno value.
-    Called with the GIL held, which guards the random pool."""
+    prefix_len counts the "/". Called with the GIL held, which guards the
+    random pool."""
     global _random_used
     cdef int i, rc
     if _random_used + RANDOM_CHARS > RANDOM_POOL:
@@ -102,10 +101,11 @@ cdef int _new_path(char *out) noexcept:
         if rc != 0:
             return rc
         _random_used = 0
-    memcpy(out, _prefix, _prefix_len)
+    out[0] = b"/"
+    memcpy(&out[1], prefix, prefix_len - 1)
     for i in range(RANDOM_CHARS):
-        out[_prefix_len + i] = ALPHABET[_random_pool[_random_used + i] & 63]
-    out[_prefix_len + RANDOM_CHARS] = 0
+        out[prefix_len + i] = ALPHABET[_random_pool[_random_used + i] & 63]
+    out[prefix_len + RANDOM_CHARS] = 0
     _random_used += RANDOM_CHARS
     return 0
 
@@ -422,11 +422,12 @@ cdef int _create(char *path, size_t length, void **addr, int *stage) noexcept no
     return rc
 
 
-cdef int _create_named(char *path, size_t length, void **addr, int *stage) noexcept:
+cdef int _create_named(char *path, const char *prefix, size_t prefix_len,
+                       size_t length, void **addr, int *stage) noexcept:
     """_create under a fresh name, retried while the name is taken. GIL held."""
     cdef int rc = EEXIST, attempt
     for attempt in range(CREATE_ATTEMPTS):
-        rc = _new_path(path)
+        rc = _new_path(path, prefix, prefix_len)
         if rc != 0:
             return rc
         with nogil:
@@ -436,24 +437,28 @@ cdef int _create_named(char *path, size_t length, void **addr, int *stage) noexc
     return rc
 
 
-def create(Py_ssize_t nbytes, bint recycle=True):
-    """A new segment of `nbytes` bytes under a fresh, unguessable name, or a
-    block of the pool if it is on, `recycle` is true and the pool has room."""
+def create(Py_ssize_t nbytes, bytes prefix not None):
+    """A new segment of `nbytes` bytes named "/<prefix><12 random chars>"
+    (unguessable), or a block of the pool if it is on and has room and the
+    prefix is the pool's (a persistent prefix never takes a block). The
+    prefix comes with each call, so no setting is shared between threads
+    (see session.persistent())."""
     if nbytes < 0:
         raise ValueError(f"negative size: {nbytes}")
     cdef Segment block
-    if recycle and _pool_limit > 0 and nbytes > 0:
+    if _pool_limit > 0 and nbytes > 0 and prefix == _pool_prefix:
         block = _pool_take(nbytes)
         if block is not None:
             return block
+    cdef size_t prefix_len = _check_prefix(prefix)
     cdef char path[PREFIX_CAP + RANDOM_CHARS + 1]
     cdef size_t length = nbytes if nbytes > 0 else 1
     cdef void *addr = NULL
     cdef int stage = 0
-    cdef int rc = _create_named(path, length, &addr, &stage)
+    cdef int rc = _create_named(path, prefix, prefix_len, length, &addr, &stage)
     if rc in (ENOSPC, ENOMEM, EFBIG) and stage == 1 and _pool_bytes > 0:
         _pool_trim(0.0)  # the pool's idle arenas hold room: give it back first
-        rc = _create_named(path, length, &addr, &stage)
+        rc = _create_named(path, prefix, prefix_len, length, &addr, &stage)
     if rc != 0:
         if stage == 1 and rc in (ENOSPC, ENOMEM, EFBIG):  # posix_fallocate
             raise _no_space(nbytes, rc)
@@ -621,6 +626,7 @@ def data_offset(cnp.ndarray arr not None, Segment seg not None):
 # The pool's state in this process.  Touched with the GIL held.
 
 cdef Py_ssize_t _pool_limit = 0      # bytes of own arenas at most; 0: off
+cdef bytes _pool_prefix = b""        # what arena names start with (the session's)
 cdef Py_ssize_t _pool_bytes = 0      # bytes of own arenas now
 cdef unsigned long _pool_gen = 0     # gs_generation the own lists belong to
 cdef list _pool_classes = [[] for _ in range(N_CLASSES)]  # own arenas by class
@@ -677,7 +683,7 @@ cdef Arena _new_arena(int klass):
     cdef char path[PREFIX_CAP + RANDOM_CHARS + 1]
     cdef void *addr = NULL
     cdef int stage = 0
-    if _create_named(path, size, &addr, &stage) != 0:
+    if _create_named(path, _pool_prefix, len(_pool_prefix) + 1, size, &addr, &stage) != 0:
         return None
     cdef uint32_t nblocks = _blocks_per_arena(klass)
     cdef Arena arena = Arena.__new__(Arena)
@@ -926,11 +932,14 @@ def unlink_block(name, Py_ssize_t index, Py_ssize_t generation):
         arena.block_freed(block)
 
 
-def enable_pool(Py_ssize_t max_bytes):
-    """Take new arrays from the pool, whose own arenas hold `max_bytes` at most."""
-    global _pool_limit
+def enable_pool(Py_ssize_t max_bytes, bytes prefix not None):
+    """Take new arrays created under `prefix` from the pool, whose own arenas
+    hold `max_bytes` at most and are named with that prefix."""
+    global _pool_limit, _pool_prefix
     if max_bytes < 1:
         raise ValueError(f"max_bytes must be positive, not {max_bytes}")
+    _check_prefix(prefix)
+    _pool_prefix = prefix
     _pool_limit = max_bytes
 
 

@@ -2,18 +2,20 @@
 
 - ls [--json]: grain_shm's segments with size, session, the session root's
   pid, whether it is alive, whether its reaper runs, and age.
-- gc [--dry-run]: unlink the segments of sessions whose root is dead. A live
-  session's segments and persistent ones (session.persistent()) are never
-  touched, nor those of a session whose liveness is unknown: one of another
-  pid namespace, unless gc runs as root in the initial pid namespace, which
-  sees every process (the host of containers run with `--ipc=host`).
+- gc [--dry-run]: unlink the segments of dead sessions: the root is gone and
+  no process holds the session's sockets (its reaper, or a member that
+  created or opened a segment; see grain_shm.reaper). A live session's
+  segments and persistent ones (session.persistent()) are never touched, nor
+  those of a session whose liveness is unknown: one of another pid
+  namespace, unless gc runs as root in the initial pid namespace, which sees
+  every process (the host of containers run with `--ipc=host`).
 - doctor: size and free space of /dev/shm, the largest array that fits, the
   limits that bite (open files, vm.max_map_count), and what to do when
   something is small. Exits non-zero when /dev/shm is missing, read-only or
   refuses a segment.
 
-All three read segment names only (see grain_shm.reaper for what a name
-says); nothing here keeps state.
+All three read segment names and /proc (see grain_shm.names and
+grain_shm.reaper for what they say); nothing here keeps state.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import sys
 import time
 from typing import Literal, TypedDict
 
-from grain_shm import reaper
+from grain_shm import names, reaper
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -94,13 +96,14 @@ class _Liveness:
     """Whether sessions are alive, each worked out once per command."""
 
     def __init__(self) -> None:
+        self.registry = reaper.registry()  # sessions some live process has joined
         self._known: dict[str, bool | None] = {}
         # False: not read yet; None: unreadable (see _other_namespace_roots)
         self._others: set[tuple[int, int, int]] | None | Literal[False] = False
 
     def __call__(self, session: str) -> bool | None:
         if session not in self._known:
-            alive = reaper.root_alive(session)
+            alive = session in self.registry or reaper.root_alive(session)
             if alive is None:  # another pid namespace's session
                 if self._others is False:
                     self._others = _other_namespace_roots()
@@ -110,18 +113,18 @@ class _Liveness:
         return self._known[session]
 
 
-def segments(shm_dir: str = reaper.SHM_DIR) -> list[SegmentRecord]:
+def segments(shm_dir: str = names.SHM_DIR) -> list[SegmentRecord]:
     """One record per grain_shm segment in `shm_dir`, oldest first."""
     try:
-        names = os.listdir(shm_dir)
+        entries = os.listdir(shm_dir)
     except OSError:
         return []
     now = time.time()
     alive_of = _Liveness()
     records: list[SegmentRecord] = []
-    for name in names:
-        persistent = reaper.PERSISTENT_RE.fullmatch(name) is not None
-        match = reaper.SEGMENT_RE.fullmatch(name)
+    for name in entries:
+        persistent = names.PERSISTENT_RE.fullmatch(name) is not None
+        match = names.SEGMENT_RE.fullmatch(name)
         if not match and not persistent:
             continue
         try:
@@ -147,7 +150,7 @@ def segments(shm_dir: str = reaper.SHM_DIR) -> list[SegmentRecord]:
                 "session": session,
                 "root_pid": reaper.root_of(session)[0],
                 "alive": alive_of(session),
-                "reaper": reaper.reaper_running(session),
+                "reaper": "reaper" in alive_of.registry.get(session, ()),
             })
         records.append(record)
     records.sort(key=lambda r: (-r["age_s"], r["name"]))
@@ -167,7 +170,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print()
         return 0
     if not records:
-        print(f"no grain_shm segments in {reaper.SHM_DIR}")
+        print(f"no grain_shm segments in {names.SHM_DIR}")
         return 0
     print(f"{'NAME':30} {'SIZE':>10} {'SESSION':13} {'ROOT':>7} {'ALIVE':7} {'REAPER':6} {'AGE':>8}")
     for r in records:
@@ -195,7 +198,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for r in dead:
         if not args.dry_run:
             try:
-                os.unlink(os.path.join(reaper.SHM_DIR, r["name"]))
+                os.unlink(os.path.join(names.SHM_DIR, r["name"]))
             except FileNotFoundError:
                 continue  # its reaper or owner was faster
             except OSError as e:
@@ -205,7 +208,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         freed += r["size"]
         verb = "would free" if args.dry_run else "freed"
         print(f"{verb} {r['name']} ({_human(r['size'])}, session {r['session']}, "
-              f"root pid {r['root_pid']} gone)")
+              f"root pid {r['root_pid']} and every member gone)")
     verb = "would free" if args.dry_run else "freed"
     print(f"{verb} {count} segments, {_human(freed)}")
     return 0
@@ -276,10 +279,10 @@ def _remove_ipc_on() -> bool:
 
 def _probe(shm_dir: str) -> str | None:
     """Create and unlink one small segment; None if that works, else why not."""
-    from grain_shm import _shm
+    from grain_shm import _shm, session
 
     try:
-        segment = _shm.create(4096)
+        segment = _shm.create(4096, session.creation_prefix())
     except (OSError, MemoryError) as e:
         return f"cannot create a segment: {e}"
     _shm.unlink(segment.name)
@@ -287,7 +290,7 @@ def _probe(shm_dir: str) -> str | None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    shm_dir = reaper.SHM_DIR
+    shm_dir = names.SHM_DIR
     problems: list[str] = []
     advice: list[str] = []
     print(f"{shm_dir}:")

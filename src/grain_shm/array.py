@@ -13,12 +13,14 @@ import dataclasses
 import operator
 import os
 import warnings
-from typing import Any, Iterable, Optional, SupportsIndex, Tuple
+from typing import TYPE_CHECKING, Any, Iterable, Optional, SupportsIndex, Tuple
 
 import numpy as np
-import numpy.typing as npt
 
-from grain_shm import _shm, session
+if TYPE_CHECKING:  # annotations only: numpy.typing costs ~1 ms to import
+    import numpy.typing as npt
+
+from grain_shm import _shm, names, session
 
 
 _NUMPY_1 = np.lib.NumpyVersion(np.__version__) < "2.0.0"
@@ -93,10 +95,9 @@ class SharedMemoryArray(np.ndarray):
     def __new__(cls, shape: Iterable[int], dtype: npt.DTypeLike = float) -> SharedMemoryArray:
         dtype = _check_dtype(dtype)
         shape, nbytes = _shm.layout(shape, dtype.itemsize)
-        if not session.reaper_started:  # the only per-array cost of sessions
-            session.start_reaper()
-        # Inside session.persistent() a name must outlive the session: no pool.
-        segment = _shm.create(nbytes, session._persistent_depth == 0)
+        if not session.joined:  # the only per-array cost of sessions
+            session.join()
+        segment = _shm.create(nbytes, session.creation_prefix())
         try:
             return _shm.wrap(cls, segment, shape, dtype, 0, None)
         except BaseException:  # e.g. too many dimensions: leave nothing behind
@@ -205,8 +206,10 @@ class SharedMemoryArray(np.ndarray):
           TypeError: `max_bytes` is not an int.
           ValueError: `max_bytes` is below 1.
         """
-        _shm.enable_pool(_default_pool_bytes() if max_bytes is None else _count(
-            "max_bytes", max_bytes, 1 << 62))
+        _shm.enable_pool(
+            _default_pool_bytes() if max_bytes is None else _count("max_bytes", max_bytes, 1 << 62),
+            session.SESSION_PREFIX.encode(),  # arenas are the session's segments
+        )
 
     @classmethod
     def _disable_recycling(cls) -> None:
@@ -293,6 +296,8 @@ def _map(
         if len(strides) != len(shape):
             raise ValueError(f"strides {strides} do not match shape {shape}")
         low, high = _span(shape, strides, dtype.itemsize, offset)
+    if not session.joined:
+        session.join()
     if block is None:
         segment = _shm.open(name, high)
     else:
@@ -320,7 +325,7 @@ def _default_pool_bytes() -> int:
     """A quarter of /dev/shm: room for the pool without starving fresh segments
     (blocks round sizes up to a power of two; idle arenas hold memory)."""
     try:
-        st = os.statvfs(_shm.SHM_DIR)
+        st = os.statvfs(names.SHM_DIR)
         total = st.f_blocks * st.f_frsize
     except OSError:
         total = 0

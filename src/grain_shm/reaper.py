@@ -1,9 +1,8 @@
 """The reaper: one small process per session that unlinks what the tree left.
 
-A session is named after its root process, so whether a session is alive can
-be read off a segment's name by anyone, with no registry to keep up to date:
+A session is named after its root process, so whether its root is alive can
+be read off a segment's name by anyone:
 
-    /gs<session>_<12 random chars>      29 characters with the "/"
     session = pid (5) + start tag (4) + namespace tag (4), base 36
 
 - pid: the root's process id;
@@ -16,47 +15,57 @@ be read off a segment's name by anyone, with no registry to keep up to date:
   "unknown" (root_alive() is None); only `gc` run as root in the initial pid
   namespace, which sees every process, can settle it (see grain_shm.admin).
 
-The reaper watches the root (a pidfd where the kernel has one, else a 50 ms
-poll of the start time) and, once the root is gone for any reason, unlinks
-every /dev/shm entry of the session; it sweeps again a second later for
-segments that surviving members made meanwhile, then exits. Unlinking removes
-names only: processes that map a segment keep reading it.
+A session outlives its root while any member lives: every process that
+creates or opens a segment first joins the session (see session.join): it
+binds its own abstract socket (@grain_shm.member.<session>.<pid>) and
+connects it to the reaper's (@grain_shm.reaper.<session>). The kernel closes
+both however the member dies. The reaper watches the root (a pidfd where
+the kernel has one, else a 50 ms poll of its start time) and those
+connections, and once the root and every member are gone it unlinks every
+/dev/shm entry of the session and exits. Unlinking removes names only:
+processes that map a segment keep reading it. `ls` and `gc` read the same
+sockets from /proc/net/unix (registry()), so they judge liveness as the
+reaper does, also where no reaper runs.
 
-At most one reaper runs per session: it holds the abstract Unix socket
-"\\0grain_shm.reaper.<session>", which the kernel releases when the reaper
-dies and which leaves nothing on disk. The member that binds it first
-passes it to the reaper it starts (see session.start_reaper); the others see
-EADDRINUSE and start nothing.
+At most one reaper runs per session: binding its listening socket is the
+lock. The member that binds it first connects to it, then starts the reaper
+with it (session.join); the others connect. A member that connects after the
+root died waits for the reaper's one-byte welcome: a reaper never sweeps
+while it has a welcomed member, and one that is about to exit closes the
+connection instead, so the member starts a new reaper.
 
-This file runs as a bare script (`python -I -S reaper.py SESSION FD`) so
-the reaper imports neither numpy, the extension nor site's .pth files:
-standard library only. It forks at once and the launched process exits, so
-the reaper is init's child, not the tree's. The session and admin modules
-import its helpers.
+The reaper process loads only this module and grain_shm.names (see
+BOOTSTRAP): no numpy, no extension, no site .pth files. It is started through
+/bin/sh (`cmd &`), so it is init's child, not the tree's. select, signal and
+socket are imported where they are used: `import grain_shm` reads this
+module's helpers and must stay cheap.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import select
-import signal
-import socket
 import sys
 import time
+from typing import TYPE_CHECKING
 
-SHM_DIR = "/dev/shm"
-SESSION_RE = re.compile(r"[0-9a-z]{13}")
-# A segment of a session, and one made under session.persistent().
-SEGMENT_RE = re.compile(r"gs([0-9a-z]{13})_[A-Za-z0-9_-]{12}")
-PERSISTENT_PREFIX = "gsk_"
-PERSISTENT_RE = re.compile(r"gsk_[A-Za-z0-9_-]{12}")
+from grain_shm import names
 
-_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+if TYPE_CHECKING:
+    import socket
+
 TAG = 36**4
 POLL_INTERVAL = 0.05
 _HAVE_PROC = os.path.isdir("/proc/self")
-RESWEEP_AFTER = 1.0
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+WELCOME = b"\1"
+
+# `python -I -S -c BOOTSTRAP PACKAGE_DIR SESSION FD` runs main() with only this
+# module and names.py of the package: an empty package object stands in for
+# grain_shm, so its __init__ (numpy, the extension) never runs.
+BOOTSTRAP = (
+    "import sys, types; p = types.ModuleType('grain_shm'); p.__path__ = [sys.argv[1]]; "
+    "sys.modules['grain_shm'] = p; from grain_shm import reaper; sys.exit(reaper.main(sys.argv))"
+)
 
 
 def _base36(value: int, width: int) -> str:
@@ -67,6 +76,17 @@ def _base36(value: int, width: int) -> str:
     if value:
         raise ValueError("does not fit")
     return "".join(reversed(out))
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/<pid>/stat from field 3 (the state) on, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses.
+    return stat[stat.rindex(b")") + 2 :].split()
 
 
 def start_time(pid: int) -> int | None:
@@ -81,16 +101,15 @@ def start_time(pid: int) -> int | None:
         except PermissionError:
             pass
         return 0
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses.
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X", b"x"):
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in (b"Z", b"X", b"x"):
         return None
     return int(fields[19])
+
+
+def parent_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[1])
 
 
 def pid_namespace() -> int:
@@ -121,31 +140,34 @@ def root_alive(session: str) -> bool | None:
     return start is not None and start % TAG == start_tag
 
 
-def lock_address(session: str) -> str:
-    return f"\0grain_shm.reaper.{session}"
-
-
-def reaper_running(session: str) -> bool:
-    """Whether some process holds the session's reaper socket (without taking it)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+def registry() -> dict[str, set[str]]:
+    """Sessions that some live process has joined: session -> {"reaper",
+    "member"}, from the abstract sockets in /proc/net/unix (this network
+    namespace's; empty where it cannot be read)."""
+    found: dict[str, set[str]] = {}
     try:
-        probe.connect(lock_address(session))
-        return True
+        with open("/proc/net/unix", "rb") as f:
+            lines = f.read().decode("ascii", "replace").splitlines()[1:]
     except OSError:
-        return False
-    finally:
-        probe.close()
+        return found
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 8:
+            parsed = names.parse_socket(fields[7])
+            if parsed:
+                found.setdefault(parsed[1], set()).add(parsed[0])
+    return found
 
 
-def sweep(session: str, shm_dir: str = SHM_DIR) -> list[tuple[str, int]]:
+def sweep(session: str, shm_dir: str = names.SHM_DIR) -> list[tuple[str, int]]:
     """Unlink every segment of `session`; (name, size) of each one removed."""
-    prefix = f"gs{session}_"
+    prefix = names.segment_prefix(session)
     removed: list[tuple[str, int]] = []
     try:
-        names = os.listdir(shm_dir)
+        entries = os.listdir(shm_dir)
     except OSError:
         return removed
-    for name in names:
+    for name in entries:
         if not name.startswith(prefix):
             continue
         path = os.path.join(shm_dir, name)
@@ -158,54 +180,129 @@ def sweep(session: str, shm_dir: str = SHM_DIR) -> list[tuple[str, int]]:
     return removed
 
 
-def wait_for_exit(session: str) -> None:
-    """Return once the session's root has exited (at once if it already has)."""
+def open_root(session: str) -> int | None:
+    """A pidfd of the session's root, readable once the root exits; None
+    where the kernel has none (poll root_alive() then). ProcessLookupError
+    if the root is gone already."""
     pid, _, _ = root_of(session)
-    pidfd = None
     try:
         pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError) as e:
+        if isinstance(e, ProcessLookupError):
+            raise
+        return None
+    # Checked after opening the pidfd: if the root is alive now, the pidfd is
+    # the root's, not a process that recycled its pid.
+    if not root_alive(session):
+        os.close(pidfd)
+        raise ProcessLookupError(pid)
+    return pidfd
+
+
+def wait_for_exit(session: str) -> None:
+    """Return once the session's root has exited (at once if it already has)."""
+    import select
+
+    try:
+        pidfd = open_root(session)
     except ProcessLookupError:
         return
-    except (AttributeError, OSError):
-        pass  # no pidfd here: poll
-    try:
-        # Checked after opening the pidfd: if the root is alive now, the pidfd
-        # is the root's, not a process that recycled its pid.
-        if not root_alive(session):
-            return
-        if pidfd is not None:
-            poller = select.poll()
-            poller.register(pidfd, select.POLLIN)
-            while not poller.poll():
-                pass
-            return
+    if pidfd is None:
         while root_alive(session):
             time.sleep(POLL_INTERVAL)
+        return
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        while not poller.poll():
+            pass
     finally:
-        if pidfd is not None:
-            os.close(pidfd)
+        os.close(pidfd)
+
+
+def serve(session: str, listener: socket.socket) -> None:
+    """Hold the members' connections; sweep once the root and all of them are
+    gone, then return (the caller closes the listener)."""
+    import select
+
+    try:
+        pidfd = open_root(session)
+        root_gone = False
+    except ProcessLookupError:
+        pidfd, root_gone = None, True
+    poller = select.poll()
+    poller.register(listener, select.POLLIN)
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
+    members: dict[int, socket.socket] = {}
+    listener.setblocking(False)
+
+    def welcome() -> bool:
+        """Accept every pending member; whether there was one."""
+        accepted = False
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return accepted
+            except OSError:  # e.g. EMFILE: the member stays in the backlog
+                return accepted
+            try:
+                conn.send(WELCOME)
+            except OSError:
+                conn.close()
+                continue
+            members[conn.fileno()] = conn
+            poller.register(conn, select.POLLIN)
+            accepted = True
+
+    welcome()
+    while True:
+        if root_gone and not members:
+            sweep(session)
+            if not welcome():  # one that connected during the sweep is welcomed now
+                return
+            continue
+        polling = pidfd is None and not root_gone
+        for fd, _ in poller.poll(POLL_INTERVAL * 1000 if polling else None):
+            if fd == listener.fileno():
+                welcome()
+            elif fd == pidfd:
+                root_gone = True
+                poller.unregister(pidfd)
+                os.close(pidfd)
+                pidfd = None
+            elif fd in members:
+                try:
+                    data = members[fd].recv(64)
+                except OSError:
+                    data = b""
+                if not data:  # the member is gone: the kernel closed its end
+                    poller.unregister(fd)
+                    members.pop(fd).close()
+        if polling:
+            root_gone = not root_alive(session)
 
 
 def main(argv: list[str]) -> int:
-    """`reaper.py SESSION LOCK_FD`: wait for the root, sweep, sweep again, exit."""
-    if os.fork():  # the launcher exits; the reaper goes on as init's child
-        os._exit(0)
-    session, lock_fd = argv[1], int(argv[2])
-    lock = socket.socket(fileno=lock_fd)  # held until this process exits
+    """`... SESSION LISTENER_FD`: serve the session until it is over, then exit."""
+    import signal
+    import socket
+
+    session, fd = argv[-2], int(argv[-1])
+    # Whatever else the launching process let be inherited (pipes whose end a
+    # parent waits for, a worker's sentinel...) is not ours to keep open.
+    os.closerange(3, fd)
+    os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+    listener = socket.socket(fileno=fd)  # bound and listening: the session's lock
     # The tree's Ctrl-C, hang-up or stop signal (systemd sends SIGTERM to the
-    # whole cgroup) must not kill the reaper before the root is gone; it exits
+    # whole cgroup) must not kill the reaper before the tree is gone; it exits
     # by itself right after. SIGKILL still works.
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
-    if not SESSION_RE.fullmatch(session) or root_alive(session) is None:
+    os.chdir("/")
+    if not names.SESSION_RE.fullmatch(session) or root_alive(session) is None:
         return 2  # not a session this process can watch
-    wait_for_exit(session)
-    sweep(session)
-    time.sleep(RESWEEP_AFTER)
-    sweep(session)
-    lock.close()
+    serve(session, listener)
+    listener.close()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

@@ -1,44 +1,45 @@
-"""Segment naming per process tree, the reaper that cleans up after it, and exit.
+"""Segment naming per process tree, joining the tree's reaper, and exit.
 
 A session is a process tree: the first process to import grain_shm without
 inheriting a live session is its root, and the session id goes into the
 environment (GRAIN_SHM_SESSION), so every process started from the root
 afterwards, by fork, spawn, forkserver or `subprocess`, joins it. The id
 names the root (pid, start time, pid namespace; see grain_shm.reaper), and
-every segment name carries it:
+every segment name carries it (see grain_shm.names).
 
-    /gs<13-char session>_<12 random chars>      29 characters with the "/"
+A process joins the session's registry at its first segment, created or
+opened (a per-process flag; nothing per array): it holds one socket
+connected to the session's reaper, starting the reaper if none runs. The
+reaper unlinks the session's segments once the root and every process that
+joined are gone, however they died, SIGKILL included; `gc` spares them
+until then too. Import grain_shm in the main process before starting
+workers, so that they join its session.
 
-The 12 random characters are 72 bits from getrandom, and creation uses
-O_EXCL, so a name cannot be guessed or taken over.
-
-The first segment a process creates starts the session's reaper, unless one
-runs already (a per-process flag, then one socket bind per process; nothing
-per array). The reaper unlinks the session's segments once the root has
-exited, however it exited, SIGKILL included. Import grain_shm in the main
-process before starting workers: then segments that workers create and send
-to the main process live as long as the main process does.
+No reaper runs where it could not outlive the root: when the root (or the
+process that would start it) is a child subreaper, or PID 1 of a pid
+namespace, an orphaned reaper would become the tree's own child (a `while
+True: os.wait()` loop would wait for it for ever) or die with PID 1. There,
+`python -m grain_shm gc` removes what a dead tree left, and a container's
+/dev/shm goes with the container.
 
 To keep a segment after its tree is gone, create it inside `persistent()`.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import _thread  # not threading, which costs ~1 ms to import
+import contextvars
 import errno
 import os
-import socket
-import subprocess
 import sys
-import threading
-import warnings
-from multiprocessing import util
 from collections.abc import Iterator
+from typing import Any
 
-from grain_shm import _shm, reaper
+from grain_shm import _shm, names, reaper
 
 SESSION_ENV = "GRAIN_SHM_SESSION"
-NAME_PREFIX = "gs"
 
 
 def _new_session() -> str:
@@ -47,13 +48,15 @@ def _new_session() -> str:
 
 
 def _session_id() -> str:
-    """The inherited session if its root still runs, else a new one rooted here.
+    """The inherited session if it is alive, else a new one rooted here.
 
-    A dead or foreign root in the environment is a stale variable (exported by
-    hand, or passed into a container): joining it would give this process's
-    segments to a tree that no reaper watches."""
+    A dead or foreign session in the environment is a stale variable
+    (exported by hand, or passed into a container): joining it would give
+    this process's segments to a tree that no reaper watches."""
     inherited = os.environ.get(SESSION_ENV, "")
-    if reaper.SESSION_RE.fullmatch(inherited) and reaper.root_alive(inherited):
+    if names.SESSION_RE.fullmatch(inherited) and (
+        reaper.root_alive(inherited) or inherited in reaper.registry()
+    ):
         return inherited
     session = _new_session()
     os.environ[SESSION_ENV] = session
@@ -61,7 +64,8 @@ def _session_id() -> str:
 
 
 SESSION = _session_id()
-SESSION_PREFIX = f"{NAME_PREFIX}{SESSION}_"
+SESSION_PREFIX = names.segment_prefix(SESSION)
+_PREFIX = contextvars.ContextVar("grain_shm_prefix", default=SESSION_PREFIX.encode())
 
 
 def name_prefix() -> str:
@@ -69,65 +73,9 @@ def name_prefix() -> str:
     return SESSION_PREFIX
 
 
-_shm.set_name_prefix(SESSION_PREFIX)
-
-# Checked by SharedMemoryArray.__new__ before every creation; a forked child
-# inherits True, which is right: it belongs to the same session.
-reaper_started = False
-_reaper_lock = threading.Lock()
-
-
-def start_reaper() -> None:
-    """Make sure the session's reaper runs; called once per process.
-
-    The socket the reaper holds is bound here first, so of two members that
-    get here at once only one starts a reaper. If the root has died already,
-    the reaper sweeps at once."""
-    global reaper_started
-    with _reaper_lock:
-        if reaper_started:
-            return
-        reaper_started = True
-        if not sys.platform.startswith("linux") or not os.path.isdir(reaper.SHM_DIR):
-            return  # segments cannot be listed here: nothing to sweep by name
-        if not sys.executable:  # embedded without an interpreter to run
-            warnings.warn("grain_shm: no sys.executable to run the session reaper")
-            return
-        lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            lock.bind(reaper.lock_address(SESSION))
-        except OSError as e:
-            lock.close()
-            if e.errno != errno.EADDRINUSE:
-                warnings.warn(f"grain_shm: cannot start the session reaper: {e}")
-            return  # EADDRINUSE: a reaper runs for this session
-        try:
-            launcher = subprocess.Popen(
-                # -S: the reaper needs only the standard library, and site
-                # imports (.pth files) can cost tens of ms.
-                [sys.executable, "-I", "-S", reaper.__file__, SESSION, str(lock.fileno())],
-                pass_fds=(lock.fileno(),),
-                start_new_session=True,  # a Ctrl-C to the tree does not reach it
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,  # holds no pipe of the tree open
-                stderr=subprocess.DEVNULL,
-                cwd="/",
-            )
-            # The launcher forks the reaper and exits at once, so the reaper is
-            # not our child: a `while os.wait()` loop, or a tool that waits for
-            # all children, never waits for it.
-            launcher.wait()
-        except OSError as e:
-            warnings.warn(
-                f"grain_shm: cannot start the session reaper ({e}); segments left "
-                "by a crash stay until `python -m grain_shm gc`"
-            )
-        finally:
-            lock.close()  # the reaper holds its own copy
-
-
-_persistent_lock = threading.RLock()
-_persistent_depth = 0
+def creation_prefix() -> bytes:
+    """The prefix for a segment created now, in this thread (see persistent())."""
+    return _PREFIX.get()
 
 
 @contextlib.contextmanager
@@ -137,25 +85,159 @@ def persistent() -> Iterator[None]:
     For a segment that must outlive the process tree that makes it (one job
     fills it, a later one opens it by name). Their names are "/gsk_<12
     random chars>"; remove them with `unlink_shm`, `close_and_unlink_shm()`
-    or `rm /dev/shm/gsk_*`. The setting is process-wide while the block runs
-    (it changes the name prefix), so create the arrays meant to stay
-    session-bound on other threads outside of it.
+    or `rm /dev/shm/gsk_*`. It holds for the current thread (context) only:
+    arrays other threads create meanwhile stay session-bound.
     """
-    global _persistent_depth
-    with _persistent_lock:
-        if _persistent_depth == 0:
-            _shm.set_name_prefix(reaper.PERSISTENT_PREFIX)
-        _persistent_depth += 1
+    token = _PREFIX.set(names.PERSISTENT_PREFIX.encode())
     try:
         yield
     finally:
-        with _persistent_lock:
-            _persistent_depth -= 1
-            if _persistent_depth == 0:
-                _shm.set_name_prefix(SESSION_PREFIX)
+        _PREFIX.reset(token)
+
+
+# Checked by SharedMemoryArray before every creation and open; a forked child
+# inherits True, which is right: it inherits the connection too.
+joined = False
+_join_lock = _thread.allocate_lock()
+_member: Any = None  # this process's registration: held until it exits
+
+
+def join() -> None:
+    """Join the session's registry; called once per process."""
+    global joined, _member
+    with _join_lock:
+        if joined:
+            return
+        joined = True
+        if not sys.platform.startswith("linux") or not os.path.isdir(names.SHM_DIR):
+            return  # segments cannot be listed here: nothing to sweep by name
+        # _socket, not socket: socket.py builds enums on import, which costs
+        # more than this whole first-array path.
+        import _socket
+
+        for _ in range(3):  # a reaper may be exiting just now: then start one
+            _member = member = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            try:
+                member.bind(names.member_address(SESSION, os.getpid()))
+            except OSError:
+                pass  # our pid's name is held by a forked child of a former us
+            try:
+                member.connect(names.reaper_address(SESSION))
+            except (ConnectionRefusedError, FileNotFoundError):
+                if _start_reaper(member, _socket):
+                    return
+                continue
+            except OSError:
+                return  # e.g. a full backlog: registered by name only
+            if reaper.root_alive(SESSION):
+                return  # the reaper cannot be exiting while the root lives
+            member.settimeout(1.0)
+            try:
+                if member.recv(1) == reaper.WELCOME:
+                    return
+            except TimeoutError:
+                return  # slow, not exiting: it welcomes us later
+            except OSError:
+                pass
+            member.close()
+
+
+_launched = _thread.allocate_lock()  # held while a launch is under way
+
+
+def _start_reaper(member: Any, _socket: Any) -> bool:
+    """Bind the session's reaper socket, connect `member` to it, and start
+    the reaper on it in the background: False if another process bound it
+    first. The connection waits in the socket's backlog until the reaper
+    accepts it, so nothing here waits for the reaper, nor for sh to start."""
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        listener.bind(names.reaper_address(SESSION))
+        listener.listen(4096)
+        member.connect(names.reaper_address(SESSION))
+    except OSError as e:
+        listener.close()
+        if e.errno == errno.EADDRINUSE:  # someone else just started one
+            return False
+        _warn(e)
+        return True
+    # PID 1 (of a container, say) would be the orphaned reaper's parent,
+    # and kills it when it dies.
+    pid_1 = os.getpid() == 1 or reaper.root_of(SESSION)[0] == 1
+    if not sys.executable or not os.path.exists("/bin/sh") or pid_1:
+        listener.close()
+        return True
+    # _thread, not threading: Thread.start() waits until the thread runs.
+    _launched.acquire()
+    _thread.start_new_thread(_launch, (listener,))
+    return True
+
+
+def _warn(error: OSError) -> None:
+    import warnings
+
+    warnings.warn(
+        f"grain_shm: cannot start the session reaper ({error}); segments left "
+        "by a crash stay until `python -m grain_shm gc`",
+        stacklevel=5,
+    )
+
+
+def _launch(listener: Any) -> None:
+    try:
+        _spawn(listener.fileno())
+    except OSError as e:
+        _warn(e)
+    finally:
+        listener.close()  # the reaper holds its own copy
+        _launched.release()
+
+
+def _spawn(listener_fd: int) -> None:
+    """Start the reaper through /bin/sh, which puts it in the background and
+    exits at once: the only wait is for sh, not for Python to start."""
+    read_end, write_end = os.pipe()
+    os.set_inheritable(listener_fd, True)
+    try:
+        sh = os.posix_spawn(
+            "/bin/sh",
+            ["sh", "-c", '"$@" </dev/null >/dev/null 2>&1 & echo $!', "sh",
+             # -I -S: the reaper needs only the standard library, and site
+             # imports (.pth files) can cost tens of ms.
+             sys.executable, "-I", "-S", "-c", reaper.BOOTSTRAP,
+             os.path.dirname(reaper.__file__), SESSION, str(listener_fd)],
+            os.environ,
+            file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                          (os.POSIX_SPAWN_DUP2, write_end, 1)],
+            setsid=True,  # a Ctrl-C to the tree does not reach it
+        )
+    finally:
+        os.close(write_end)
+        os.set_inheritable(listener_fd, False)
+    # One line, not up to EOF: a process forked meanwhile by another thread
+    # may hold the write end.
+    with os.fdopen(read_end, "rb") as out:
+        pid = int(out.readline() or 0)
+    _reap(sh)
+    # Orphaned by sh, the reaper now has a new parent. If that is this process
+    # or the root (a child subreaper, or PID 1 of a pid namespace), it would
+    # be the tree's child: stop it before Python has even started.
+    if pid and reaper.parent_of(pid) in (os.getpid(), reaper.root_of(SESSION)[0]):
+        os.kill(pid, 9)
+        if reaper.parent_of(pid) == os.getpid():
+            _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass  # the program's own `os.wait()` was first
 
 
 def _unlink_owned_at_exit() -> None:
+    if _launched.acquire(timeout=5):  # a reaper for what this process leaves to others
+        _launched.release()
     _shm.stop_async_release()  # pending releases first: their names are no longer owned
     _shm.unlink_owned()
     _shm.pool_at_exit()  # then this process's block references, and its arenas
@@ -170,15 +252,39 @@ def _register_exit_cleanup(*_: object) -> None:
     atexit. Finalizers are per process: a forked multiprocessing worker
     drops the ones it inherited, then runs its after-fork hooks, which
     register ours again; a plain os.fork() child registers at fork."""
+    util = sys.modules["multiprocessing.util"]
     util.Finalize(None, _unlink_owned_at_exit, exitpriority=-100)
 
 
+_hooked_multiprocessing = False
+
+
+def _hook_multiprocessing() -> None:
+    """Register with multiprocessing, once it is imported (see above)."""
+    global _hooked_multiprocessing
+    if "multiprocessing.util" in sys.modules and not _hooked_multiprocessing:
+        _hooked_multiprocessing = True
+        _register_exit_cleanup()
+        sys.modules["multiprocessing.util"].register_after_fork(
+            _unlink_owned_at_exit, _register_exit_cleanup
+        )
+
+
 def _after_fork_in_child() -> None:
-    global _reaper_lock
-    _reaper_lock = threading.Lock()  # the forking thread may have held it
-    _register_exit_cleanup()
+    global _join_lock, _launched
+    _join_lock = _thread.allocate_lock()  # the forking thread may have held it
+    _launched = _thread.allocate_lock()  # a launch under way is the parent's
+    if _hooked_multiprocessing:
+        _register_exit_cleanup()
+    else:  # imported since? Then this may be a multiprocessing worker
+        _hook_multiprocessing()
 
 
-_register_exit_cleanup()
-util.register_after_fork(_unlink_owned_at_exit, _register_exit_cleanup)
+# multiprocessing is not imported for this (it costs more than the rest of
+# grain_shm's import): without it, atexit, whose handlers run last-registered
+# first, so after the exit handler of a multiprocessing imported later.
+if "multiprocessing.util" in sys.modules:
+    _hook_multiprocessing()
+else:
+    atexit.register(_unlink_owned_at_exit)
 os.register_at_fork(after_in_child=_after_fork_in_child)

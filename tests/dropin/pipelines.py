@@ -7,8 +7,8 @@ the test judges (types and segment names of the arrays the consumer got,
 worker pids, what is left in /dev/shm and which workers are left).
 
 Whether Grain's own shared-memory arrays or grain_shm's are used is decided
-outside, by putting site/ (the sitecustomize patch) on PYTHONPATH or
-not; this module is the same for both runs. It lives on PYTHONPATH so that
+outside, by GRAIN_SHM_PATCH_GRAIN in the environment (grain_shm.pth runs
+grain_shm.patch_grain() at start-up); this module is the same for both runs. It lives on PYTHONPATH so that
 spawned workers unpickle its functions and classes by reference.
 """
 
@@ -68,7 +68,7 @@ def _options(num_workers):
 
 
 def _patched():
-    """Whether Grain's module holds grain_shm's five names (the site patch)."""
+    """Whether Grain's module holds grain_shm's five names (patch_grain())."""
     from grain._src.python.ipc import shared_memory_array as grain_module
 
     grain_shm = sys.modules.get("grain_shm")  # imported by the patch, if any

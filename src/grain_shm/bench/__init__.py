@@ -16,7 +16,9 @@ import re
 import sys
 from typing import Callable, List, Optional, Sequence, cast
 
-from grain_shm.bench import ceilings, leaks, machine, micro, plot, report, runner, transfer
+from grain_shm.bench import (
+    ceilings, grain_pipeline, leaks, machine, micro, plot, report, runner, transfer,
+)
 from grain_shm.bench.payload import check_size
 from grain_shm.bench.report import RunRecord
 from grain_shm.bench.runner import Cell
@@ -27,18 +29,23 @@ SECTIONS = {
     "transfer": transfer.SECTION,
     "cfd": micro.CREATE_FILL_DESTROY,
     "release": micro.RELEASE,
+    "grain-pipeline": grain_pipeline.SECTION,
 }
 
 KiB, MiB = 1 << 10, 1 << 20
 TRANSFER_SIZES = (4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 128 * MiB)
 MICRO_SIZES = (64, 4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB)
+GRAIN_PIPELINE_SIZES = (4 * MiB,)
 
-# (seconds, minimum count): per transfer cell, per size in the other sections.
+# (seconds, minimum count): per transfer cell, per size in the other sections;
+# grain-pipeline: (seconds of repeated runs, elements per run).
 # The default run takes a few minutes; --quick takes well under one (it is
 # dominated by starting two interpreters per transfer cell).
 BUDGETS = {
-    "full": {"transfer": (2.5, 10), "cfd": (0.3, 20), "release": (0.3, 20), "ceilings": (0.2, 10)},
-    "quick": {"transfer": (0.05, 3), "cfd": (0.005, 3), "release": (0.005, 3), "ceilings": (0.005, 3)},
+    "full": {"transfer": (2.5, 10), "cfd": (0.3, 20), "release": (0.3, 20), "ceilings": (0.2, 10),
+             "grain-pipeline": (20.0, 96)},
+    "quick": {"transfer": (0.05, 3), "cfd": (0.005, 3), "release": (0.005, 3), "ceilings": (0.005, 3),
+              "grain-pipeline": (0.0, 8)},
 }
 
 _UNITS = {"": 1, "B": 1, "K": KiB, "KB": KiB, "KIB": KiB, "M": MiB, "MB": MiB, "MIB": MiB,
@@ -99,6 +106,10 @@ def plan(args: argparse.Namespace) -> List[Cell]:
         if section == "ceilings":
             sizes = tuple(sorted(set(transfer_sizes) | set(micro_sizes)))
             cells.append(Cell(section, None, sizes, budget, least))
+        elif section == "grain-pipeline":  # its own transports: stock Grain, Grain on grain_shm
+            cells += [Cell(section, t, (size,), budget, least)
+                      for size in (args.sizes or GRAIN_PIPELINE_SIZES)
+                      for t in args.transports if t in grain_pipeline.TRANSPORTS]
         elif section == "transfer":  # sizes outside, so drift hits every transport alike
             cells += [Cell(section, t, (size,), budget, least)
                       for size in transfer_sizes for t in args.transports]

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from grain_shm.bench import leaks, payload
+from grain_shm import names
+from grain_shm.bench import payload
 from grain_shm.bench.micro import Step, measure
 from grain_shm.bench.runner import Cell, Result, Section
 from grain_shm.bench.transports import NAME_PREFIX
@@ -38,7 +39,7 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only
 
 
 def _new_path() -> str:
-    return os.path.join(leaks.SHM_DIR, f"{NAME_PREFIX}ceiling{os.getpid()}_{next(_counter)}")
+    return os.path.join(names.SHM_DIR, f"{NAME_PREFIX}ceiling{os.getpid()}_{next(_counter)}")
 
 
 def _map_populated(path: str, nbytes: int) -> mmap.mmap:

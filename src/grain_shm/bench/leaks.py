@@ -11,7 +11,7 @@ import os
 import time
 from typing import Dict, List, Set, TypedDict
 
-SHM_DIR = "/dev/shm"
+from grain_shm.names import SHM_DIR
 
 
 class Leak(TypedDict):

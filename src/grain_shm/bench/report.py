@@ -208,6 +208,11 @@ _TITLES = {
         "release on the caller: dropping a received array this process owns, "
         "after reading it, µs (median)"
     ),
+    "grain-pipeline": (
+        "Grain's DataLoader, 2 workers, stock and on grain_shm (patch_grain): elements "
+        "per second read by the consumer, medians over runs; steady = after the first "
+        "element, end-to-end = from creating the loader (worker start-up included)"
+    ),
 }
 
 
@@ -218,6 +223,10 @@ def _tables(doc: RunRecord) -> List[Tuple[str, List[str], List[List[str]]]]:
             headers, rows = transfer_table(doc)
         elif section == "ceilings":
             headers, rows = ceilings_table(doc)
+        elif section == "grain-pipeline":
+            from grain_shm.bench import grain_pipeline
+
+            headers, rows = grain_pipeline.table(doc)
         else:
             headers, rows = micro_table(doc, section)
         title = _TITLES[section].format(depth=doc["config"]["transfer_queue_depth"])
