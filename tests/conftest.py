@@ -10,8 +10,8 @@ import time
 import pytest
 
 from grain_shm import session
+from grain_shm.names import SHM_DIR
 
-SHM_DIR = "/dev/shm"
 
 
 def shm_entries():

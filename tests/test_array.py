@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata, _shm
+from grain_shm.names import SHM_DIR
 
-SHM = "/dev/shm"
 
 
 def exists(name):
-    return os.path.exists(os.path.join(SHM, name))
+    return os.path.exists(os.path.join(SHM_DIR, name))
 
 
 def owned(shape, dtype=float):

@@ -10,10 +10,11 @@ import numpy as np
 from conftest import run_python
 
 from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata
+from grain_shm.names import SHM_DIR
 
 
 def exists(name):
-    return os.path.exists("/dev/shm/" + name)
+    return os.path.exists(os.path.join(SHM_DIR, name))
 
 
 def test_owned_arrays_alive_at_exit_are_unlinked_quietly():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from grain_shm import SharedMemoryArray
+from grain_shm.names import SHM_DIR
 
 PROTOCOLS = range(2, pickle.HIGHEST_PROTOCOL + 1)
 
@@ -66,7 +67,7 @@ def test_dropping_the_unpickled_array_does_not_unlink():
     del back
     import os
 
-    assert os.path.exists("/dev/shm/" + name)
+    assert os.path.exists(os.path.join(SHM_DIR, name))
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from grain_shm import (
     open_from_shm,
     unlink_shm,
 )
+from grain_shm.names import SHM_DIR
 
 Point = collections.namedtuple("Point", "x y")
 
@@ -90,8 +91,8 @@ def test_a_plain_view_of_a_shared_array_is_copied_not_handed_over():
         np.testing.assert_array_equal(received["x"], np.arange(10, 20))
         received["x"][0] = -1  # a copy: the table is untouched
         del received
-        assert os.path.exists("/dev/shm/" + table.metadata.name)
-        assert not os.path.exists("/dev/shm/" + sent["x"].name)
+        assert os.path.exists(os.path.join(SHM_DIR, table.metadata.name))
+        assert not os.path.exists(os.path.join(SHM_DIR, sent["x"].name))
     again = SharedMemoryArray.from_metadata(table.metadata)
     np.testing.assert_array_equal(again, np.arange(100))
 
@@ -111,14 +112,14 @@ def test_open_from_shm_owns_what_it_opens():
     opened = open_from_shm(md)
     assert opened._unlink_on_del
     del opened
-    assert not os.path.exists("/dev/shm/" + md.name)
+    assert not os.path.exists(os.path.join(SHM_DIR, md.name))
 
 
 def test_unlink_shm_ignores_everything_else():
     struct = copy_to_shm({"a": np.ones(4), "b": [1, "x", None]})
     name = struct["a"].name
     assert unlink_shm(struct) is None
-    assert not os.path.exists("/dev/shm/" + name)
+    assert not os.path.exists(os.path.join(SHM_DIR, name))
     with pytest.raises(FileNotFoundError):
         unlink_shm(struct)  # already gone: as Grain, an error
 
