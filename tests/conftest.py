@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from grain_shm import _shm, session
+from grain_shm import SharedMemoryArray, _shm, session
+from grain_shm.names import SHM_DIR
 
-SHM_DIR = "/dev/shm"
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 

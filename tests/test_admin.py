@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from grain_shm import names as names_mod
 from grain_shm import reaper
 
 from _trees import (
@@ -41,7 +42,7 @@ def fake_segments(session, count=2, size=4096):
     """Segment files named as `session` would name them, made without grain_shm."""
     names = []
     for _ in range(count):
-        name = f"gs{session}_{secrets.token_urlsafe(9)}"
+        name = names_mod.segment_prefix(session) + secrets.token_urlsafe(9)
         fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         os.ftruncate(fd, size)
         os.close(fd)

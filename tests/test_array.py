@@ -9,7 +9,6 @@ import pytest
 
 from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata, _shm
 
-SHM = "/dev/shm"
 
 
 from _names import RECYCLING, exists

@@ -18,6 +18,8 @@ import textwrap
 
 import pytest
 
+from grain_shm.names import SHM_DIR
+
 from conftest import run_python
 from grain_shm import SharedMemoryArray
 
@@ -26,16 +28,17 @@ import os, pickle, signal, sys, threading, time
 import numpy as np
 from grain_shm import SharedMemoryArray
 from grain_shm import _shm
+from grain_shm.names import SHM_DIR
 
 def exists(name):
-    return os.path.exists("/dev/shm/" + name)
+    return os.path.exists(os.path.join(SHM_DIR, name))
 
 def shm_maps():
     with open("/proc/self/maps") as f:
-        return [line for line in f if "/dev/shm/" in line]
+        return [line for line in f if SHM_DIR + "/" in line]
 
 def mapped(name):
-    return any(line.rstrip().endswith("/dev/shm/" + name) for line in shm_maps())
+    return any(line.rstrip().endswith(os.path.join(SHM_DIR, name)) for line in shm_maps())
 
 def fds():
     return len(os.listdir("/proc/self/fd"))
@@ -444,7 +447,7 @@ def test_exit_with_pending_releases_loses_none():
     """)
     names = proc.stdout.split("\n")[0].split()
     assert len(names) == 30
-    assert not [n for n in names if os.path.exists(f"/dev/shm/{n}")]
+    assert not [n for n in names if os.path.exists(os.path.join(SHM_DIR, n))]
     assert proc.stderr == ""
 
 
@@ -466,7 +469,7 @@ def test_exit_mid_burst_from_threads():
     """)
     names = proc.stdout.split("\n")[0].split()
     assert len(names) == 3000
-    assert not [n for n in names if os.path.exists(f"/dev/shm/{n}")]
+    assert not [n for n in names if os.path.exists(os.path.join(SHM_DIR, n))]
     assert proc.stderr == ""
 
 

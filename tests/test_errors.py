@@ -10,6 +10,7 @@ import pytest
 from conftest import run_python, own_entries
 
 from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata
+from grain_shm.names import SHM_DIR
 
 BIG = np.iinfo(np.int64).max
 
@@ -127,7 +128,7 @@ def test_short_segment_made_elsewhere(fresh_segments):
     arr = SharedMemoryArray((4096,), np.uint8)
     arr.unlink_on_del()
     md = arr.metadata
-    os.truncate(os.path.join("/dev/shm", md.name), 10)
+    os.truncate(os.path.join(SHM_DIR, md.name), 10)
     with pytest.raises(ValueError, match="metadata"):
         SharedMemoryArray.from_metadata(md)
 
@@ -206,7 +207,7 @@ def test_someone_elses_read_only_segment_opens_read_only(fresh_segments):
     arr.unlink_on_del()
     arr[:] = 7
     name = arr.metadata.name
-    os.chmod(f"/dev/shm/{name}", 0o644)
+    os.chmod(os.path.join(SHM_DIR, name), 0o644)
     run_python(
         f"""
         import os, numpy as np, pytest

@@ -32,6 +32,7 @@ pytest.importorskip(
     reason="the drop-in proof runs Grain's own pipelines: pip install 'grain_shm[compare]'",
 )
 
+import grain_shm.names  # noqa: E402
 import grain_shm.session  # noqa: E402
 from conftest import run_python, shm_entries  # noqa: E402
 
@@ -118,7 +119,7 @@ def test_grain_pipeline_runs_on_grain_shm(name, grain_reference, tmp_path):
     assert report["patched"], "grain_shm's names were not in Grain's module"
     run = report["runs"][name]
     assert run["session"] == grain_shm.session.SESSION
-    session_prefix = f"gs{run['session']}_"
+    session_prefix = grain_shm.names.segment_prefix(run["session"])
 
     # The elements: Grain's own, in Grain's order; every record once.
     assert _data(run) == _data(grain_reference[name])

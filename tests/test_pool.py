@@ -440,13 +440,13 @@ def test_many_cycles_leave_nothing_and_the_pool_returns_to_idle():
             assert out.get(timeout=300) == sum(i % 7 for i in range(N))
             child.join(60)
             st = _shm.pool_stats()
-            assert st["taken"] == N and st["fallbacks"] == 0, st
+            assert st["taken"] == N + 1 and st["fallbacks"] == 0, st
             assert st["blocks_in_use"] == 0, st
             assert st["arenas"] <= 2, st  # a few blocks in flight at a time
             _shm.pool_trim(0.0)
             st = _shm.pool_stats()
             assert st["arenas"] == 0 and st["arena_bytes"] == 0, st
-            assert fds() == base_fds
+            assert fds() <= base_fds  # none per array (the reaper's launch pipe may close meanwhile)
             prefix = os.environ["GRAIN_SHM_SESSION"]
             assert not [n for n in os.listdir("/dev/shm") if prefix in n]
         """,

@@ -147,55 +147,42 @@ _launched = _thread.allocate_lock()  # held while a launch is under way
 
 def _start_reaper(member: Any, _socket: Any) -> bool:
     """Bind the session's reaper socket, connect `member` to it, and start
-    the reaper on it in the background: False if another process bound it
-    first. The connection waits in the socket's backlog until the reaper
-    accepts it, so nothing here waits for the reaper, nor for sh to start."""
+    the reaper on it: False if another process bound it first. The
+    connection waits in the socket's backlog until the reaper accepts it, so
+    nothing here waits for the reaper, nor for sh: sh is started here (once
+    it runs, the reaper starts whatever happens to this process), and reaped
+    on a short-lived thread."""
     listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         listener.bind(names.reaper_address(SESSION))
         listener.listen(4096)
         member.connect(names.reaper_address(SESSION))
+        # PID 1 (of a container, say) would be the orphaned reaper's parent,
+        # and kills it when it dies.
+        pid_1 = os.getpid() == 1 or reaper.root_of(SESSION)[0] == 1
+        if sys.executable and os.path.exists("/bin/sh") and not pid_1:
+            sh, pid_pipe = _spawn(listener.fileno())
+            # _thread, not threading: Thread.start() waits until the thread runs.
+            _launched.acquire()
+            _thread.start_new_thread(_settle, (sh, pid_pipe))
     except OSError as e:
-        listener.close()
         if e.errno == errno.EADDRINUSE:  # someone else just started one
             return False
-        _warn(e)
-        return True
-    # PID 1 (of a container, say) would be the orphaned reaper's parent,
-    # and kills it when it dies.
-    pid_1 = os.getpid() == 1 or reaper.root_of(SESSION)[0] == 1
-    if not sys.executable or not os.path.exists("/bin/sh") or pid_1:
-        listener.close()
-        return True
-    # _thread, not threading: Thread.start() waits until the thread runs.
-    _launched.acquire()
-    _thread.start_new_thread(_launch, (listener,))
+        import warnings
+
+        warnings.warn(
+            f"grain_shm: cannot start the session reaper ({e}); segments left "
+            "by a crash stay until `python -m grain_shm gc`",
+            stacklevel=4,
+        )
+    finally:
+        listener.close()  # sh, then the reaper, hold their own copies
     return True
 
 
-def _warn(error: OSError) -> None:
-    import warnings
-
-    warnings.warn(
-        f"grain_shm: cannot start the session reaper ({error}); segments left "
-        "by a crash stay until `python -m grain_shm gc`",
-        stacklevel=5,
-    )
-
-
-def _launch(listener: Any) -> None:
-    try:
-        _spawn(listener.fileno())
-    except OSError as e:
-        _warn(e)
-    finally:
-        listener.close()  # the reaper holds its own copy
-        _launched.release()
-
-
-def _spawn(listener_fd: int) -> None:
-    """Start the reaper through /bin/sh, which puts it in the background and
-    exits at once: the only wait is for sh, not for Python to start."""
+def _spawn(listener_fd: int) -> tuple[int, int]:
+    """Start /bin/sh, which starts the reaper in the background and prints
+    its pid: (sh's pid, the pipe to read that from)."""
     read_end, write_end = os.pipe()
     os.set_inheritable(listener_fd, True)
     try:
@@ -211,21 +198,31 @@ def _spawn(listener_fd: int) -> None:
                           (os.POSIX_SPAWN_DUP2, write_end, 1)],
             setsid=True,  # a Ctrl-C to the tree does not reach it
         )
+    except BaseException:
+        os.close(read_end)
+        raise
     finally:
         os.close(write_end)
         os.set_inheritable(listener_fd, False)
-    # One line, not up to EOF: a process forked meanwhile by another thread
-    # may hold the write end.
-    with os.fdopen(read_end, "rb") as out:
-        pid = int(out.readline() or 0)
-    _reap(sh)
-    # Orphaned by sh, the reaper now has a new parent. If that is this process
-    # or the root (a child subreaper, or PID 1 of a pid namespace), it would
-    # be the tree's child: stop it before Python has even started.
-    if pid and reaper.parent_of(pid) in (os.getpid(), reaper.root_of(SESSION)[0]):
-        os.kill(pid, 9)
-        if reaper.parent_of(pid) == os.getpid():
-            _reap(pid)
+    return sh, read_end
+
+
+def _settle(sh: int, pid_pipe: int) -> None:
+    """Reap sh; and if the orphaned reaper's new parent is this process or
+    the root (a child subreaper, or PID 1 of a pid namespace), it would be
+    the tree's child: stop it before Python has even started."""
+    try:
+        # One line, not up to EOF: a process forked meanwhile by another
+        # thread may hold the write end.
+        with os.fdopen(pid_pipe, "rb") as out:
+            pid = int(out.readline() or 0)
+        _reap(sh)
+        if pid and reaper.parent_of(pid) in (os.getpid(), reaper.root_of(SESSION)[0]):
+            os.kill(pid, 9)
+            if reaper.parent_of(pid) == os.getpid():
+                _reap(pid)
+    finally:
+        _launched.release()
 
 
 def _reap(pid: int) -> None:

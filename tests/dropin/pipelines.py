@@ -133,8 +133,10 @@ def _plain(leaf):
 
 
 def _segments_of(session):
-    prefix = f"gs{session}_"
-    return sorted(e for e in os.listdir("/dev/shm") if e.startswith(prefix))
+    from grain_shm import names
+
+    prefix = names.segment_prefix(session)
+    return sorted(e for e in os.listdir(names.SHM_DIR) if e.startswith(prefix))
 
 
 def _record(element, facts):
