@@ -5,10 +5,12 @@
 
 import sys
 from collections.abc import Iterable
-from typing import Any, SupportsIndex, final
+from typing import Any, SupportsIndex, TypeVar, final
 
 import numpy as np
 from typing_extensions import disjoint_base
+
+_A = TypeVar("_A", bound=np.ndarray[Any, Any])
 
 NAME_MAX: int
 SHM_DIR: str
@@ -49,6 +51,7 @@ def open(name: str | bytes, required: int) -> Segment: ...
 def unlink(name: str | bytes) -> None: ...
 def unlink_owned() -> None: ...
 def segment_of(obj: object) -> Segment | None: ...
+def new_array(subtype: type[_A], dims: tuple[int, ...], dtype: np.dtype[Any], seg: Segment) -> _A: ...
 def data_offset(arr: np.ndarray[Any, Any], seg: Segment) -> int: ...
 
 # The asynchronous deleter: release on pthreads, bounded (issue 4).

@@ -98,7 +98,7 @@ class SharedMemoryArray(np.ndarray):
         # Inside session.persistent() a name must outlive the session: no pool.
         segment = _shm.create(nbytes, session._persistent_depth == 0)
         try:
-            return np.ndarray.__new__(cls, shape, dtype, buffer=segment)
+            return _shm.new_array(cls, shape, dtype, segment)
         except BaseException:  # e.g. too many dimensions: leave nothing behind
             segment.mark_unlink_on_release()
             raise
