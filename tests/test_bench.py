@@ -183,3 +183,38 @@ def test_plot_without_matplotlib_says_what_to_install(tmp_path):
     proc = run_bench("--plot", str(tmp_path / "bench.png"), timeout=60)
     assert proc.returncode == 2
     assert "pip install 'grain_shm[plot]'" in proc.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_leak_check_blames_the_run_only_for_what_no_one_else_holds(tmp_path):
+    """/dev/shm may be shared: another program's entry (mapped by a live
+    process, or a grain_shm name of another session) is not this run's leak;
+    an entry nobody holds is."""
+    from grain_shm.bench import leaks
+
+    stem = f"grain_shm_bench_test{os.getpid()}"
+    held, dropped, foreign = (
+        os.path.join("/dev/shm", name)
+        for name in (f"{stem}_held", f"{stem}_dropped", "gs0000000000000_leakcheck000")
+    )
+    watch = leaks.Watch()
+    for path in (held, dropped, foreign):
+        with open(path, "wb") as f:
+            f.truncate(4096)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import mmap, os, sys\n"
+         f"fd = os.open({held!r}, os.O_RDWR); m = mmap.mmap(fd, 4096); os.close(fd)\n"
+         "print('mapped', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "mapped\n"
+        watch.after("a cell")
+        verdict = watch.result(settle=0.0)
+        assert verdict["leaked"] == [{"name": os.path.basename(dropped), "after_cell": "a cell"}]
+        assert verdict["ok"] is False
+    finally:
+        holder.communicate("")
+        for path in (held, dropped, foreign):
+            if os.path.exists(path):  # another user's `gc` may take the foreign one
+                os.unlink(path)
