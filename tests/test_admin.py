@@ -4,13 +4,15 @@ import json
 import os
 import secrets
 import shutil
+import signal
+import struct
 import subprocess
 import sys
 
 import pytest
 
+from grain_shm import admin, reaper
 from grain_shm import names as names_mod
-from grain_shm import reaper
 
 from _trees import (
     SHM_DIR, Tree, clean_env, existing, reapers, wait_gone, wait_reapers_gone,
@@ -66,7 +68,8 @@ def remove(names):
 
 @pytest.fixture
 def live_tree(tmp_path):
-    tree = Tree(tmp_path, LIVE_TREE)
+    # Segments of their own, whatever the suite's mode: each record is one array.
+    tree = Tree(tmp_path, LIVE_TREE, env=clean_env(GRAIN_SHM_RECYCLE="0"))
     info = tree.report()
     yield info
     tree.finish()
@@ -210,3 +213,116 @@ def test_doctor_fails_without_shm():
     proc = _in_private_shm("mount -t tmpfs -o size=1m tmpfs /dev")
     assert proc.returncode != 0
     assert "does not exist" in proc.stdout
+
+
+POOLED_TREE = """
+import json, sys
+import numpy as np
+from grain_shm import SharedMemoryArray, session
+arrays = [SharedMemoryArray((1000,), np.uint8) for _ in range(3)]
+for a in arrays:
+    a.unlink_on_del()
+print(json.dumps({"session": session.SESSION,
+                  "names": sorted({a.metadata.name for a in arrays})}), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_ls_shows_a_pool_arena_with_its_blocks_in_use(tmp_path):
+    tree = Tree(tmp_path, POOLED_TREE, env=clean_env(GRAIN_SHM_RECYCLE="1"))
+    try:
+        info = tree.report()
+        (arena,) = info["names"]  # three arrays, one arena
+        records = {r["name"]: r for r in json.loads(grain_shm("ls", "--json").stdout)}
+        pool = records[arena]["arena"]
+        assert pool["blocks_in_use"] == 3 and pool["bytes_in_use"] == 3000
+        assert pool["blocks"] == pool["blocks_in_use"] + pool["blocks_free"] > 3
+        assert pool["bytes_free"] == pool["blocks_free"] * pool["block_bytes"]
+        assert pool["owner_pid"] == tree.pid and pool["owner_gone"] is False
+        table = grain_shm("ls").stdout
+        assert f"3/{pool['blocks']} blocks of" in table
+        assert "1 pool arenas" in table
+    finally:
+        tree.finish()
+        tree.close()
+        wait_gone(info["names"])
+        wait_reapers_gone(info["session"])
+
+
+def fake_arena(session, header, size=8192):
+    """A segment of `session` that starts with `header` (bytes), made by hand."""
+    (name,) = fake_segments(session, count=1, size=size)
+    with open(os.path.join(SHM_DIR, name), "r+b") as f:
+        f.write(header)
+    return name
+
+
+def arena_header(nblocks, block_bytes, data_start, words, magic=b"grainshm", version=1):
+    """gs_arena and its block table as _pool.h lays them out."""
+    head = struct.pack("=8sIIQQQqIIQ24x", magic, version, nblocks, block_bytes,
+                       data_start, 0, 1234, 0, 0, 0)
+    return head + b"".join(struct.pack("=QQ", word, nbytes) for word, nbytes in words)
+
+
+def test_ls_reads_an_arena_header_without_trusting_it():
+    linked, referenced, free = (7 << 32) | 0x80000000, (7 << 32) | 2, 7 << 32
+    blocks = [(linked, 100), (referenced, 256), (free, 5)]
+    session = dead_session()
+    good = fake_arena(session, arena_header(3, 1024, 4096, blocks))
+    forged = [
+        fake_arena(session, arena_header(3, 1024, 4096, blocks, version=2)),
+        fake_arena(session, arena_header(3, 1024, 4096, blocks, magic=b"grainshx")),
+        fake_arena(session, arena_header(3, 4096, 4096, blocks)),  # blocks past the end
+        fake_arena(session, arena_header(3, 1024, 16384, blocks)),  # data past the end
+        fake_arena(session, arena_header(1000, 1, 4096, blocks)),  # table past data_start
+        fake_arena(session, arena_header(0, 1024, 4096, [])),
+        fake_arena(session, b"grainshm", size=8),  # shorter than a header
+    ]
+    try:
+        records = {r["name"]: r for r in json.loads(grain_shm("ls", "--json").stdout)}
+        assert records[good]["arena"] == {
+            "blocks": 3, "block_bytes": 1024, "blocks_in_use": 2, "bytes_in_use": 356,
+            "blocks_free": 1, "bytes_free": 1024, "owner_pid": 1234, "owner_gone": False,
+        }
+        for name in forged:
+            assert records[name]["arena"] is None, name
+    finally:
+        remove([good, *forged])
+
+
+def test_gc_removes_a_dead_sessions_arenas(tmp_path):
+    """A pool's owner killed with its reaper: its arenas stay, named as its
+    segments are, until gc finds the session dead."""
+    tree = Tree(tmp_path, POOLED_TREE, env=clean_env(GRAIN_SHM_RECYCLE="1"))
+    names = []
+    try:
+        info = tree.report()
+        names = info["names"]
+        for pid in reapers(info["session"]):
+            os.kill(pid, signal.SIGKILL)
+        tree.kill_group()
+        tree.proc.wait(timeout=30)
+        assert wait_reapers_gone(info["session"])
+        assert existing(names) == names
+        records = {r["name"]: r for r in json.loads(grain_shm("ls", "--json").stdout)}
+        assert all(records[n]["alive"] is False and records[n]["arena"] for n in names)
+        gc = grain_shm("gc")
+        assert all(f"freed {n}" in gc.stdout for n in names), gc.stdout
+        assert existing(names) == []
+    finally:
+        tree.close()
+        remove(names)
+
+
+def test_doctor_shows_the_pools_bound():
+    from grain_shm.array import _default_pool_bytes
+
+    env = {k: v for k, v in clean_env().items() if k != "GRAIN_SHM_RECYCLE"}
+    off = grain_shm("doctor", env=env).stdout
+    assert "GRAIN_SHM_RECYCLE not set" in off
+    default = _default_pool_bytes()
+    assert f"default bound: {admin._human(default)}" in off
+    on = grain_shm("doctor", env=clean_env(GRAIN_SHM_RECYCLE="100000000")).stdout
+    assert "GRAIN_SHM_RECYCLE='100000000': on" in on and "bound 95.4 MiB" in on
+    bad = grain_shm("doctor", env=clean_env(GRAIN_SHM_RECYCLE="lots"))
+    assert "GRAIN_SHM_RECYCLE='lots': off (it takes 1 or a byte count)" in bad.stdout

@@ -13,9 +13,13 @@ import sys
 
 import pytest
 
+from conftest import run_python
+
 SECTIONS = ["ceilings", "transfer", "cfd", "release", "grain-pipeline"]
 HAVE_GRAIN = importlib.util.find_spec("grain") is not None
-TRANSPORTS = ["pickle", "stdlib", "grain_shm", "grain_shm-async"]
+TRANSPORTS = ["pickle", "stdlib", "grain_shm", "grain_shm-async", "grain_shm-recycle",
+              "grain_shm-recycle-async"]
+POOLED = {"grain_shm-recycle", "grain_shm-recycle-async"}
 SUMMARY_KEYS = {"n", "median", "p10", "p90", "min", "max", "mean"}
 
 
@@ -77,6 +81,7 @@ def test_figures_are_where_the_json_promises(quick_run):
             assert result["timed_arrays"] >= 3
             assert result["gbps"].keys() == result["arrays_per_s"].keys() == SUMMARY_KEYS
             assert result["producer_cpu_us"] > 0 and result["consumer_cpu_us"] > 0
+            assert_pool_figure(cell, result["pool_arena_bytes"])
         elif cell["section"] == "grain-pipeline":
             assert result["size"] == 65536 and result["runs"] >= 1
             assert result["steady_elements_per_s"] > 0
@@ -90,6 +95,16 @@ def test_figures_are_where_the_json_promises(quick_run):
             (row,) = result["sizes"]
             assert row["size"] == 65536
             assert row["us"].keys() == SUMMARY_KEYS
+            assert_pool_figure(cell, row["pool_arena_bytes"])
+
+
+def assert_pool_figure(cell, arena_bytes):
+    """The pool's resident memory beside the figures: an arena at least
+    where the pool was on, nothing to report where it was not."""
+    if cell["transport"] in POOLED:
+        assert arena_bytes >= 65536, cell
+    else:
+        assert arena_bytes is None, cell
 
 
 def test_no_leak_and_tables_printed(quick_run):
@@ -98,7 +113,57 @@ def test_no_leak_and_tables_printed(quick_run):
     assert doc["leak_check"]["leaked"] == []
     assert "| size | transport | GB/s |" in proc.stdout
     assert "Leak check: /dev/shm holds nothing new." in proc.stdout
-    assert "[cell 14/14]" in proc.stderr
+    assert "[cell 20/20]" in proc.stderr
+    assert "| 64 KiB | grain_shm-recycle |" in proc.stdout
+    assert "pool MiB" in proc.stdout
+
+
+def test_fresh_transports_stay_fresh_under_GRAIN_SHM_RECYCLE(tmp_path):
+    """grain_shm and grain_shm-async measure fresh segments even where the
+    environment turns the pool on for everything else."""
+    path = tmp_path / "bench.json"
+    env = dict(os.environ, GRAIN_SHM_RECYCLE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "grain_shm", "bench", "--quick", "--sizes", "4K",
+         "--sections", "cfd", "--transports", "grain_shm,grain_shm-recycle", "--json", str(path)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {c["transport"]: c["result"]["sizes"][0] for c in json.load(open(path))["cells"]}
+    assert rows["grain_shm"]["pool_arena_bytes"] is None
+    assert rows["grain_shm-recycle"]["pool_arena_bytes"] > 0
+
+
+def test_error_clean_up_unlinks_one_pooled_array_not_its_arena():
+    """The producer's clean-up after a failure removes each array it sent:
+    for a pool block that is the block, never the arena its name shares."""
+    run_python("""
+        import os
+        from grain_shm import SharedMemoryArray, _shm
+        from grain_shm.bench import transports
+
+        transport = transports.get("grain_shm-recycle")
+        sent = [transport.create(4096, owner=False) for _ in range(2)]
+        references = [transport.reference(held) for held in sent]
+        assert references[0].name == references[1].name  # one arena
+        sent[1].array[:] = 7
+        for held in sent:  # sent, never opened: linked, unmapped
+            transport.release(held)
+        transport.unlink(references[0])
+        try:
+            SharedMemoryArray.from_metadata(references[0])
+        except FileNotFoundError:
+            pass
+        else:
+            raise AssertionError("the unlinked block still opens")
+        assert os.path.exists("/dev/shm/" + references[0].name)  # the arena stays
+        assert _shm.pool_stats()["blocks_in_use"] == 1
+        other = SharedMemoryArray.from_metadata(references[1])
+        assert (other == 7).all()
+        del other
+        transport.unlink(references[1])
+        assert _shm.pool_stats()["blocks_in_use"] == 0
+    """)
 
 
 @pytest.mark.parametrize(
@@ -124,3 +189,38 @@ def test_plot_without_matplotlib_says_what_to_install(tmp_path):
     proc = run_bench("--plot", str(tmp_path / "bench.png"), timeout=60)
     assert proc.returncode == 2
     assert "pip install 'grain_shm[plot]'" in proc.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_leak_check_blames_the_run_only_for_what_no_one_else_holds(tmp_path):
+    """/dev/shm may be shared: another program's entry (mapped by a live
+    process, or a grain_shm name of another session) is not this run's leak;
+    an entry nobody holds is."""
+    from grain_shm.bench import leaks
+
+    stem = f"grain_shm_bench_test{os.getpid()}"
+    held, dropped, foreign = (
+        os.path.join("/dev/shm", name)
+        for name in (f"{stem}_held", f"{stem}_dropped", "gs0000000000000_leakcheck000")
+    )
+    watch = leaks.Watch()
+    for path in (held, dropped, foreign):
+        with open(path, "wb") as f:
+            f.truncate(4096)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import mmap, os, sys\n"
+         f"fd = os.open({held!r}, os.O_RDWR); m = mmap.mmap(fd, 4096); os.close(fd)\n"
+         "print('mapped', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "mapped\n"
+        watch.after("a cell")
+        verdict = watch.result(settle=0.0)
+        assert verdict["leaked"] == [{"name": os.path.basename(dropped), "after_cell": "a cell"}]
+        assert verdict["ok"] is False
+    finally:
+        holder.communicate("")
+        for path in (held, dropped, foreign):
+            if os.path.exists(path):  # another user's `gc` may take the foreign one
+                os.unlink(path)

@@ -1,21 +1,23 @@
 """`python -m grain_shm ls | gc | doctor`: look after /dev/shm by hand.
 
 - ls [--json]: grain_shm's segments with size, session, the session root's
-  pid, whether it is alive, whether its reaper runs, and age.
-- gc [--dry-run]: unlink the segments of dead sessions: the root is gone and
-  no process holds the session's sockets (its reaper, or a member that
-  created or opened a segment; see grain_shm.reaper). A live session's
-  segments and persistent ones (session.persistent()) are never touched, nor
-  those of a session whose liveness is unknown: one of another pid
-  namespace, unless gc runs as root in the initial pid namespace, which sees
-  every process (the host of containers run with `--ipc=host`).
+  pid, whether it is alive, whether its reaper runs, and age; the pool's
+  arenas (segments carved into blocks) with their blocks and bytes in use.
+- gc [--dry-run]: unlink the segments (arenas included) of dead sessions: the
+  root is gone and no process holds the session's sockets (its reaper, or a
+  member that created or opened a segment; see grain_shm.reaper). A live
+  session's segments and persistent ones (session.persistent()) are never
+  touched, nor those of a session whose liveness is unknown: one of another
+  pid namespace, unless gc runs as root in the initial pid namespace, which
+  sees every process (the host of containers run with `--ipc=host`).
 - doctor: size and free space of /dev/shm, the largest array that fits, the
-  limits that bite (open files, vm.max_map_count), and what to do when
-  something is small. Exits non-zero when /dev/shm is missing, read-only or
-  refuses a segment.
+  pool's bound (GRAIN_SHM_RECYCLE), the limits that bite (open files,
+  vm.max_map_count), and what to do when something is small. Exits non-zero
+  when /dev/shm is missing, read-only or refuses a segment.
 
 All three read segment names and /proc (see grain_shm.names and
-grain_shm.reaper for what they say); nothing here keeps state.
+grain_shm.reaper for what they say) and the headers of arenas (see
+_pool.h), read-only; nothing here keeps state.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import struct
 import sys
 import time
 from typing import Literal, TypedDict
@@ -47,6 +50,75 @@ def _human(nbytes: int) -> str:
     raise AssertionError
 
 
+# An arena's header and block table, as _pool.h lays them out (gs_arena,
+# gs_block): magic, version, nblocks, block_bytes, data_start, arena_bytes,
+# owner_pid, owner_gone, retired, remote_frees, 3 reserved; then per block
+# its word (generation | linked | references) and nbytes.
+ARENA_MAGIC = b"grainshm"
+ARENA_VERSION = 1
+_ARENA_HEADER = struct.Struct("=8sIIQQQqIIQ24x")
+_BLOCK = struct.Struct("=QQ")
+_IN_USE = 0xFFFFFFFF  # the linked bit and the reference count
+_MAX_BLOCKS = 1 << 20  # far above what the core makes (1024); a header is not trusted
+
+
+class ArenaRecord(TypedDict):
+    """A pool arena's blocks, as its header says (`segments()` reads it)."""
+
+    blocks: int
+    block_bytes: int
+    blocks_in_use: int
+    bytes_in_use: int  # the arrays' own bytes, not whole blocks
+    blocks_free: int
+    bytes_free: int
+    owner_pid: int
+    owner_gone: bool
+
+
+def read_arena(path: str) -> ArenaRecord | None:
+    """The arena in segment `path`, or None if it is not one this version
+    lays out. The header is checked as the core checks it (a segment may
+    hold anything): every offset and count must fit in the file."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size < _ARENA_HEADER.size:
+            return None
+        head = os.pread(fd, _ARENA_HEADER.size, 0)
+        if len(head) < _ARENA_HEADER.size:
+            return None
+        (magic, version, nblocks, block_bytes, data_start, _, owner_pid,
+         owner_gone, _, _) = _ARENA_HEADER.unpack(head)
+        table_end = _ARENA_HEADER.size + nblocks * _BLOCK.size
+        if (magic != ARENA_MAGIC or version != ARENA_VERSION
+                or not 0 < nblocks <= _MAX_BLOCKS or block_bytes == 0
+                or not table_end <= data_start <= size
+                or data_start + nblocks * block_bytes > size):
+            return None
+        table = os.pread(fd, table_end - _ARENA_HEADER.size, _ARENA_HEADER.size)
+        if len(table) < table_end - _ARENA_HEADER.size:
+            return None  # shrunk meanwhile
+        words = list(_BLOCK.iter_unpack(table))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    used = [min(nbytes, block_bytes) for word, nbytes in words if word & _IN_USE]
+    return {
+        "blocks": nblocks,
+        "block_bytes": block_bytes,
+        "blocks_in_use": len(used),
+        "bytes_in_use": sum(used),
+        "blocks_free": nblocks - len(used),
+        "bytes_free": (nblocks - len(used)) * block_bytes,
+        "owner_pid": owner_pid,
+        "owner_gone": bool(owner_gone),
+    }
+
+
 class SegmentRecord(TypedDict):
     """What `segments()` says about one segment (`ls --json` prints these)."""
 
@@ -58,6 +130,7 @@ class SegmentRecord(TypedDict):
     reaper: bool | None
     persistent: bool
     age_s: float
+    arena: ArenaRecord | None  # None: an array's own segment
 
 
 def _other_namespace_roots() -> set[tuple[int, int, int]] | None:
@@ -142,6 +215,7 @@ def segments(shm_dir: str = names.SHM_DIR) -> list[SegmentRecord]:
             # ctime: creation, ftruncate and fallocate happen at once, and
             # writes through a mapping do not touch it.
             "age_s": round(max(0.0, now - st.st_ctime), 1),
+            "arena": read_arena(os.path.join(shm_dir, name)),
         }
         if match:
             session = match.group(1)
@@ -163,6 +237,14 @@ def _alive_text(record: SegmentRecord) -> str:
     return {True: "yes", False: "DEAD", None: "unknown"}[record["alive"]]
 
 
+def _arena_text(arena: ArenaRecord | None) -> str:
+    if arena is None:
+        return ""
+    return (f"{arena['blocks_in_use']}/{arena['blocks']} blocks of "
+            f"{_human(arena['block_bytes'])} in use ({_human(arena['bytes_in_use'])}), "
+            f"{_human(arena['bytes_free'])} free")
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     records = segments()
     if args.json:
@@ -172,17 +254,22 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not records:
         print(f"no grain_shm segments in {names.SHM_DIR}")
         return 0
-    print(f"{'NAME':30} {'SIZE':>10} {'SESSION':13} {'ROOT':>7} {'ALIVE':7} {'REAPER':6} {'AGE':>8}")
+    print(f"{'NAME':30} {'SIZE':>10} {'SESSION':13} {'ROOT':>7} {'ALIVE':7} {'REAPER':6} "
+          f"{'AGE':>8}  POOL ARENA")
     for r in records:
         print(
             f"{r['name']:30} {_human(r['size']):>10} {r['session'] or '-':13} "
             f"{r['root_pid'] or '-':>7} {_alive_text(r):7} "
             f"{'-' if r['reaper'] is None else 'yes' if r['reaper'] else 'no':6} "
-            f"{r['age_s']:>7.0f}s"
+            f"{r['age_s']:>7.0f}s  {_arena_text(r['arena'])}".rstrip()
         )
     dead = [r for r in records if r["alive"] is False]
     total = sum(r["size"] for r in records)
     print(f"{len(records)} segments, {_human(total)}", end="")
+    arenas = [r["arena"] for r in records if r["arena"] is not None]
+    if arenas:
+        print(f" ({len(arenas)} pool arenas: {_human(sum(a['bytes_in_use'] for a in arenas))} "
+              f"in use, {_human(sum(a['bytes_free'] for a in arenas))} free)", end="")
     if dead:
         print(f"; {len(dead)} of dead sessions: `python -m grain_shm gc` frees "
               f"{_human(sum(r['size'] for r in dead))}")
@@ -279,14 +366,35 @@ def _remove_ipc_on() -> bool:
 
 def _probe(shm_dir: str) -> str | None:
     """Create and unlink one small segment; None if that works, else why not."""
-    from grain_shm import _shm, session
+    from grain_shm import _shm
 
     try:
-        segment = _shm.create(4096, session.creation_prefix())
+        # A persistent name is never a pool block: a segment of its own, even
+        # with the pool on (unlinking a block's name would remove its arena).
+        segment = _shm.create(4096, names.PERSISTENT_PREFIX.encode())
     except (OSError, MemoryError) as e:
         return f"cannot create a segment: {e}"
     _shm.unlink(segment.name)
     return None
+
+
+def _pool_lines() -> list[str]:
+    """The pool's bound: what GRAIN_SHM_RECYCLE turned on at import, else
+    what enable_recycling() would take."""
+    from grain_shm import _shm
+    from grain_shm.array import _default_pool_bytes
+
+    value = os.environ.get("GRAIN_SHM_RECYCLE")
+    bound = _shm.pool_stats()["max_bytes"]  # set at import from GRAIN_SHM_RECYCLE
+    default = f"{_human(_default_pool_bytes())} of arenas per process (a quarter of /dev/shm)"
+    if value is None:
+        return ["  GRAIN_SHM_RECYCLE not set: fresh segments, unless a program calls",
+                f"  SharedMemoryArray.enable_recycling(); its default bound: {default}"]
+    if bound == 0:
+        why = "" if value.strip() in ("", "0") else " (it takes 1 or a byte count)"
+        return [f"  GRAIN_SHM_RECYCLE={value!r}: off{why}; the default bound: {default}"]
+    return [f"  GRAIN_SHM_RECYCLE={value!r}: on in every process that inherits it, "
+            f"bound {_human(bound)} of arenas per process"]
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -340,6 +448,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                 f"{len(dead)} segments of dead sessions hold "
                 f"{_human(sum(r['size'] for r in dead))}: `python -m grain_shm gc`"
             )
+    print("pool (recycled shared memory):")
+    for line in _pool_lines():
+        print(line)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     print("limits:")
     print(f"  open files   {soft} (hard {hard}); grain_shm keeps no fd per array")

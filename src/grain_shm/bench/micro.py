@@ -81,7 +81,10 @@ def _run(make_step: Callable[[Transport, int], Step], cell: Cell) -> Result:
     transport = transports.get(cast(str, cell.transport))  # these sections' cells have one
     return {
         "sizes": [
-            {"size": nbytes, **measure(make_step(transport, nbytes), cell.budget, cell.min_count)}
+            {"size": nbytes, **measure(make_step(transport, nbytes), cell.budget, cell.min_count),
+             # The arenas held after this size (None: no pool); idle ones of
+             # smaller sizes may have gone meanwhile.
+             "pool_arena_bytes": transports.pool_bytes(transport)}
             for nbytes in cell.sizes
         ]
     }

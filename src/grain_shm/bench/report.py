@@ -14,7 +14,8 @@ from grain_shm.bench import machine
 from grain_shm.bench.leaks import LeakCheck
 from grain_shm.bench.runner import CellRecord, Result, format_size
 
-GRAIN_SHM = ("grain_shm", "grain_shm-async")
+GRAIN_SHM = ("grain_shm", "grain_shm-async")  # fresh segments: bound by first touch
+RECYCLE = ("grain_shm-recycle", "grain_shm-recycle-async")  # the pool: bound by memcpy
 
 
 class RunConfig(TypedDict):
@@ -113,19 +114,22 @@ def transfer_bound(ceilings: CeilingRows, size: int) -> Optional[float]:
 def transfer_table(doc: RunRecord) -> Table:
     transfer, _, ceilings = index(doc)
     headers = ["size", "transport", "GB/s", "p10-p90", "arrays/s", "producer CPU µs",
-               "consumer CPU µs", "× pickle", "× stdlib", "of ceiling"]
+               "consumer CPU µs", "× pickle", "× stdlib", "of ceiling", "pool MiB"]
     rows = []
     for size in doc["config"]["transfer_sizes"]:
         for transport in doc["config"]["transports"]:
             record = transfer.get((transport, size))
             if record is None or record["status"] != "ok":
-                rows.append([format_size(size), transport, _status(record)] + [""] * 7)
+                rows.append([format_size(size), transport, _status(record)] + [""] * 8)
                 continue
             result = record["result"]
             gbps = result["gbps"]["median"]
             pickle = _transfer_gbps(transfer, "pickle", size)
             stdlib = _transfer_gbps(transfer, "stdlib", size)
-            bound = transfer_bound(ceilings, size)
+            bound = transfer_bound(ceilings, size) if transport in GRAIN_SHM else (
+                ceilings[size]["memcpy"]["gbps"] if transport in RECYCLE and size in ceilings
+                else None)
+            pool = result.get("pool_arena_bytes")
             rows.append([
                 format_size(size),
                 transport,
@@ -136,7 +140,8 @@ def transfer_table(doc: RunRecord) -> Table:
                 _num(result["consumer_cpu_us"]),
                 _ratio(gbps / pickle) if pickle else "",
                 _ratio(gbps / stdlib) if stdlib else "",
-                f"{gbps / bound:.0%}" if bound and transport in GRAIN_SHM else "",
+                f"{gbps / bound:.0%}" if bound else "",
+                "" if pool is None else _num(pool / (1 << 20)),
             ])
     return headers, rows
 
@@ -151,11 +156,12 @@ def micro_table(doc: RunRecord, section: str) -> Table:
             medians[transport] = {
                 row["size"]: row["us"]["median"] for row in record["result"]["sizes"]
             }
-    ours = [t for t in GRAIN_SHM if t in medians]
+    ours = [t for t in GRAIN_SHM + RECYCLE if t in medians]
     headers = ["size", *chosen] + [f"{t} ÷ stdlib" for t in ours if "stdlib" in medians]
+    ours_fresh = [t for t in ours if t in GRAIN_SHM]  # what the first-touch ceiling bounds
     with_ceiling = section == "cfd" and ceilings
     if with_ceiling:
-        headers += [f"{t} of ceiling" for t in ours]
+        headers += [f"{t} of ceiling" for t in ours_fresh]
     rows = []
     for size in doc["config"]["micro_sizes"]:
         row = [format_size(size)]
@@ -168,7 +174,8 @@ def micro_table(doc: RunRecord, section: str) -> Table:
             row += [_ratio(medians[t][size] / medians["stdlib"][size]) for t in ours]
         if with_ceiling:
             fill = ceilings.get(size, {}).get("first_touch_fill")
-            row += [f"{fill['us']['median'] / medians[t][size]:.0%}" if fill else "" for t in ours]
+            row += [f"{fill['us']['median'] / medians[t][size]:.0%}" if fill else ""
+                    for t in ours_fresh]
         rows.append(row)
     return headers, rows
 
@@ -197,7 +204,8 @@ _TITLES = {
         "Transfer: producer process -> multiprocessing.Queue ({depth} deep) -> consumer "
         "process, which reads and checks every byte. Medians of timed segments; "
         "× = GB/s ratio; of ceiling = share of the slower of first-touch fill and "
-        "fresh-mapping read"
+        "fresh-mapping read (for -recycle: of memcpy); pool MiB = the producer's "
+        "arenas at the end"
     ),
     "cfd": (
         "create+fill+destroy in one process, µs per array (median). pickle = a "

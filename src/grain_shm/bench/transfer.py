@@ -64,9 +64,8 @@ def produce(cell: Cell, abort: Event, q: Queue[Any], ready: Event, done: Event) 
     nbytes = cell.sizes[0]
     transport = transports.get(cast(str, cell.transport))  # transfer cells have one
     pattern = payload.source(nbytes)
-    # Names sent but perhaps not yet removed by the consumer: on failure
-    # they are unlinked here, so an error leaves /dev/shm as it was. Any: a
-    # Held's name is None for pickle, whose unlink() ignores it.
+    # Arrays sent but perhaps not yet removed by the consumer: on failure
+    # they are unlinked here, so an error leaves /dev/shm as it was.
     in_flight: Deque[Any] = collections.deque(maxlen=QUEUE_DEPTH + 64)
     count = 0
     try:
@@ -81,7 +80,7 @@ def produce(cell: Cell, abort: Event, q: Queue[Any], ready: Event, done: Event) 
                 raise Aborted
             held = transport.create(nbytes, owner=False)
             payload.fill(held.array, pattern, count)
-            in_flight.append(held.name)
+            in_flight.append(transport.reference(held))
             _put(q, transport.message(held), abort)
             transport.release(held)
             count += 1
@@ -91,13 +90,14 @@ def produce(cell: Cell, abort: Event, q: Queue[Any], ready: Event, done: Event) 
         wall = time.perf_counter() - start
     except BaseException:
         q.cancel_join_thread()
-        for name in in_flight:
+        for reference in in_flight:
             try:
-                transport.unlink(name)
+                transport.unlink(reference)
             except OSError:  # already released by the consumer
                 pass
         raise
-    return {"arrays": count, "cpu_s": cpu, "wall_s": wall}
+    return {"arrays": count, "cpu_s": cpu, "wall_s": wall,
+            "pool_arena_bytes": transports.pool_bytes(transport)}
 
 
 def consume(cell: Cell, abort: Event, q: Queue[Any], ready: Event, done: Event) -> Result:
@@ -160,6 +160,8 @@ def summarize(cell: Cell, outputs: Dict[str, Result]) -> Result:
         "producer_cpu_us": producer["cpu_s"] / producer["arrays"] * 1e6,
         "consumer_cpu_us": consumer["cpu_s"] / consumer["arrays"] * 1e6,
         "producer_wall_s": producer["wall_s"],
+        # The producer's arenas at the end (None: no pool): its resident cost.
+        "pool_arena_bytes": producer["pool_arena_bytes"],
     }
 
 

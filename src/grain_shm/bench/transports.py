@@ -9,7 +9,11 @@ differ only by what the transport does:
 - `open(message)`: the receiving side's array, owned (it removes it).
 - `release(held)`: what a holder does to let go: drop the array, close,
   and unlink if it owns the name.
-- `unlink(name)`: error clean-up for names sent but maybe never opened.
+- `reference(held)`: what `unlink()` needs to remove the array later, taken
+  only where a clean-up may need it (the transfer's producer): the name,
+  or for grain_shm the metadata (a pooled array's name is its arena's,
+  shared with other arrays), which costs more than the name.
+- `unlink(reference)`: error clean-up for arrays sent but maybe never opened.
 
 Each transport is used the way its documentation shows. Imports happen in
 `prepare()`, inside the cell's own process, so a missing optional package
@@ -66,7 +70,8 @@ class Transport(Protocol):
     def message(self, held: Held) -> Any: ...
     def open(self, message: Any) -> Held: ...
     def release(self, held: Held) -> None: ...
-    def unlink(self, name: str) -> None: ...
+    def reference(self, held: Held) -> Any: ...
+    def unlink(self, reference: Any) -> None: ...
 
 
 class Pickle:
@@ -90,7 +95,10 @@ class Pickle:
     def release(self, held: Held) -> None:
         held.array = None
 
-    def unlink(self, name: str) -> None:
+    def reference(self, held: Held) -> Any:
+        return None
+
+    def unlink(self, reference: Any) -> None:
         pass
 
 
@@ -126,8 +134,11 @@ class Stdlib:
         if held.owner:
             held.handle.unlink()
 
-    def unlink(self, name: str) -> None:
-        shm = self._shm.SharedMemory(name=name)
+    def reference(self, held: Held) -> Any:
+        return held.name
+
+    def unlink(self, reference: Any) -> None:
+        shm = self._shm.SharedMemory(name=reference)
         shm.close()
         shm.unlink()
 
@@ -138,15 +149,18 @@ class _GrainApi:
 
     requires: Optional[str] = None
     # Set by the subclass: its SharedMemoryArray class (in prepare()), and
-    # how to read an array's segment name.
+    # what its unlink() takes to remove an array.
     _array_type: Any
-    _name_of: Callable[[Any], str]
+    _reference_of: Callable[[Any], Any]
 
     def create(self, nbytes: int, owner: bool) -> Held:
         array = self._array_type((nbytes,), np.uint8)
         if owner:
             array.unlink_on_del()
-        return Held(array, self._name_of(array))
+        return Held(array)
+
+    def reference(self, held: Held) -> Any:
+        return self._reference_of(held.array)
 
     def message(self, held: Held) -> Any:
         return held.array
@@ -160,28 +174,58 @@ class _GrainApi:
 
 
 class GrainShm(_GrainApi):
-    """grain_shm, releasing inline."""
+    """grain_shm, a fresh segment per array (even where GRAIN_SHM_RECYCLE
+    is set), releasing inline."""
 
     name = "grain_shm"
 
     def prepare(self) -> None:
         import grain_shm
 
-        self._module = grain_shm
         self._array_type = grain_shm.SharedMemoryArray
+        self._array_type._disable_recycling()
 
     @staticmethod
-    def _name_of(array: SharedMemoryArray) -> str:
-        return array.metadata.name
+    def _reference_of(array: SharedMemoryArray) -> Any:
+        return array.metadata
 
-    def unlink(self, name: str) -> None:
-        self._module.SharedMemoryArrayMetadata(name, (0,), np.uint8).close_and_unlink_shm()
+    def unlink(self, reference: Any) -> None:
+        reference.close_and_unlink_shm()
 
 
 class GrainShmAsync(GrainShm):
     """grain_shm with releases handed to its C deleter threads."""
 
     name = "grain_shm-async"
+
+    def prepare(self) -> None:
+        super().prepare()
+        self._array_type.enable_async_del(num_threads=1, max_outstanding_requests=50)
+
+
+class GrainShmRecycle(GrainShm):
+    """grain_shm with the pool: arrays are blocks of pre-faulted arenas."""
+
+    name = "grain_shm-recycle"
+
+    def prepare(self) -> None:
+        super().prepare()
+        self._array_type.enable_recycling()
+
+    @staticmethod
+    def pool_bytes() -> int:
+        """This process's arenas: the memory the pool holds on to."""
+        from grain_shm import _shm
+
+        arena_bytes: int = _shm.pool_stats()["arena_bytes"]
+        return arena_bytes
+
+
+class GrainShmRecycleAsync(GrainShmRecycle):
+    """The pool, with the releases that fall back to fresh segments handed
+    to the deleter threads (a block's release is a few atomics, inline)."""
+
+    name = "grain_shm-recycle-async"
 
     def prepare(self) -> None:
         super().prepare()
@@ -205,12 +249,14 @@ class Grain(_GrainApi):
         self._shm = shared_memory
 
     @staticmethod
-    def _name_of(array: Any) -> str:
-        name: str = array.shm.name  # Grain's SharedMemoryArray is untyped
-        return name
+    def _reference_of(array: Any) -> Any:
+        return array.shm.name  # Grain's SharedMemoryArray is untyped
 
-    def unlink(self, name: str) -> None:
-        shm = self._shm.SharedMemory(name=name)
+    def reference(self, held: Held) -> Any:
+        return held.name
+
+    def unlink(self, reference: Any) -> None:
+        shm = self._shm.SharedMemory(name=reference)
         shm.close()
         shm.unlink()
 
@@ -242,12 +288,16 @@ class SharedArrayTransport:
         if held.owner:
             self._sa.delete(f"shm://{held.name}")
 
-    def unlink(self, name: str) -> None:
-        self._sa.delete(f"shm://{name}")
+    def reference(self, held: Held) -> Any:
+        return held.name
+
+    def unlink(self, reference: Any) -> None:
+        self._sa.delete(f"shm://{reference}")
 
 
 TRANSPORTS: Dict[str, Type[Transport]] = {
-    t.name: t for t in (Pickle, Stdlib, GrainShm, GrainShmAsync, Grain, SharedArrayTransport)
+    t.name: t for t in (Pickle, Stdlib, GrainShm, GrainShmAsync, GrainShmRecycle,
+                        GrainShmRecycleAsync, Grain, SharedArrayTransport)
 }
 
 
@@ -257,6 +307,11 @@ def missing(name: str) -> Optional[str]:
     if module is None or importlib.util.find_spec(module) is not None:
         return None
     return f"{module} is not installed (pip install 'grain_shm[compare]')"
+
+
+def pool_bytes(transport: Transport) -> Optional[int]:
+    """The bytes of this process's pool arenas, for the transports with a pool."""
+    return transport.pool_bytes() if isinstance(transport, GrainShmRecycle) else None
 
 
 def get(name: str) -> Transport:
