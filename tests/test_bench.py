@@ -13,8 +13,10 @@ import sys
 
 import pytest
 
-SECTIONS = ["ceilings", "transfer", "cfd", "release"]
+SECTIONS = ["ceilings", "transfer", "cfd", "release", "pipeline"]
 TRANSPORTS = ["pickle", "stdlib", "grain_shm", "grain_shm-async"]
+# The pipeline runs grain_shm's prefetcher (and with the pool) and Pool.imap (pickle).
+PIPELINE = ["grain_shm", "grain_shm-recycle", "pickle"]
 SUMMARY_KEYS = {"n", "median", "p10", "p90", "min", "max", "mean"}
 
 
@@ -55,11 +57,14 @@ def test_run_is_described(quick_run):
 def test_every_cell_ran_or_says_why_not(quick_run):
     doc, _ = quick_run
     cells = {(c["section"], c["transport"]): c for c in doc["cells"]}
-    expected = {("ceilings", None)} | {(s, t) for s in SECTIONS[1:] for t in TRANSPORTS}
+    expected = {("ceilings", None)} | {(s, t) for s in SECTIONS[1:-1] for t in TRANSPORTS}
+    expected |= {("pipeline", t) for t in PIPELINE}
     assert cells.keys() == expected
     for key, cell in cells.items():
         if key[1] == "grain_shm-async" and cell["status"] == "skipped":
             assert "enable_async_del" in cell["reason"]
+        elif key[1] == "grain_shm-recycle" and cell["status"] == "skipped":
+            assert "enable_recycling" in cell["reason"]
         else:
             assert cell["status"] == "ok", cell
 
@@ -75,6 +80,11 @@ def test_figures_are_where_the_json_promises(quick_run):
             assert result["timed_arrays"] >= 3
             assert result["gbps"].keys() == result["arrays_per_s"].keys() == SUMMARY_KEYS
             assert result["producer_cpu_us"] > 0 and result["consumer_cpu_us"] > 0
+        elif cell["section"] == "pipeline":
+            assert result["size"] == 65536 and result["batch_size"] == 256
+            assert result["timed_items"] >= 3
+            assert result["elements_per_s"].keys() == result["gbps"].keys() == SUMMARY_KEYS
+            assert result["startup_s"] > 0 and 0 <= result["consumer_waiting"] <= 1
         elif cell["section"] == "ceilings":
             (row,) = result["sizes"]
             for figure in ("memcpy", "first_touch_fill", "fresh_read"):
@@ -92,7 +102,8 @@ def test_no_leak_and_tables_printed(quick_run):
     assert doc["leak_check"]["leaked"] == []
     assert "| size | transport | GB/s |" in proc.stdout
     assert "Leak check: /dev/shm holds nothing new." in proc.stdout
-    assert "[cell 13/13]" in proc.stderr
+    assert "| element | variant | elements/s |" in proc.stdout
+    assert "[cell 16/16]" in proc.stderr
 
 
 @pytest.mark.parametrize(

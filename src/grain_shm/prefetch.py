@@ -227,18 +227,18 @@ class _Maker:
                     f"like the batch's first element (containers, keys and their order "
                     f"must match)"
                 )
-            for column, leaf in zip(columns, these):
-                if isinstance(column, list):
-                    column.append(leaf)
+            for filling, leaf in zip(columns, these):
+                if isinstance(filling, list):
+                    filling.append(leaf)
                     continue
                 value = np.asarray(leaf)
-                if value.shape != column.shape[1:] or value.dtype != column.dtype:
+                if value.shape != filling.shape[1:] or value.dtype != filling.dtype:
                     raise ValueError(
                         f"element {position} (source index {self.index}) has a leaf of "
                         f"shape {value.shape} and dtype {value.dtype} where the batch's "
-                        f"first element has {column.shape[1:]} and {column.dtype}"
+                        f"first element has {filling.shape[1:]} and {filling.dtype}"
                     )
-                column[row] = value
+                filling[row] = value
         self.stats.bytes += sum(c.nbytes for c in columns if isinstance(c, np.ndarray))
         filled = iter(columns)
         return _map(lambda _: next(filled), first)
@@ -732,15 +732,16 @@ def _pickled(source: RandomAccessSource, transform: Optional[Transform], method:
     return pickle.dumps((source, transform))
 
 
-def _int(name: str, value: Any, minimum: int, optional: bool = False) -> Optional[int]:
-    if value is None and optional:
-        return None
+def _int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, "
-                        f"not {type(value).__name__}")
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def _int_or_none(name: str, value: Any, minimum: int) -> Optional[int]:
+    return None if value is None else _int(name, value, minimum)
 
 
 def prefetch(
@@ -786,12 +787,11 @@ def prefetch(
     )
     if options.enable_profiling and options.num_workers == 0:
         raise ValueError("enable_profiling needs num_workers >= 1 (profiling is per worker)")
-    batch_size = _int("batch_size", batch_size, 1, optional=True)
-    num_epochs = _int("num_epochs", num_epochs, 0, optional=True)
-    shuffle_seed = _int("shuffle_seed", shuffle_seed, 0, optional=True)
+    batch_size = _int_or_none("batch_size", batch_size, 1)
+    num_epochs = _int_or_none("num_epochs", num_epochs, 0)
+    shuffle_seed = _int_or_none("shuffle_seed", shuffle_seed, 0)
     shard_count = _int("shard_count", shard_count, 1)
     shard_index = _int("shard_index", shard_index, 0)
-    assert shard_count is not None and shard_index is not None
     if shard_index >= shard_count:
         raise ValueError(f"shard_index must be < shard_count ({shard_count}), got {shard_index}")
     length = len(source)
