@@ -362,7 +362,8 @@ def _work(
             source, transform = pickle.loads(payload) if isinstance(payload, bytes) else payload
             maker = _Maker(plan, source, transform, allocate, stats)
         except Exception as error:
-            channel.send((item, _failure(worker, None, error), [], None))
+            with guard:
+                channel.send((item, _failure(worker, None, error), [], None))
             return
         end = plan.num_items
         while end is None or item < end:
@@ -376,7 +377,8 @@ def _work(
                 tree = maker.make(item)
             except Exception as error:
                 _discard(held)
-                channel.send((item, _failure(worker, maker, error), [], None))
+                with guard:
+                    channel.send((item, _failure(worker, maker, error), [], None))
                 return
             stats.alive_s = time.perf_counter() - started
             with guard:
