@@ -17,6 +17,10 @@ thread, so a message is in the kernel once send() returns, and stopping can
 drain and unlink every reference in flight. A worker's death shows at once
 on its sentinel.
 
+Workers take their arrays from the pool of recycled memory (issue 10)
+exactly when the consumer does: the consumer's setting is passed to them,
+whatever their environment says.
+
 Stopping sends SIGTERM: a worker raises `_Stop` at once, except while it
 creates an array and records it, or sends a message and forgets what it
 held, so every array it made is either sent (drained and unlinked by the
@@ -29,7 +33,6 @@ import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
-import os
 import pickle
 import signal
 import time
@@ -42,6 +45,7 @@ from typing import (
 
 import numpy as np
 
+from grain_shm import _shm
 from grain_shm.array import SharedMemoryArray
 from grain_shm.options import MultiprocessingOptions
 from grain_shm.tree import _map
@@ -59,8 +63,6 @@ STATE_VERSION = 1
 _STOP_GRACE_S = 0.5  # after SIGTERM, before SIGKILL
 _PARENT_CHECK_S = 1.0  # how often a worker blocked on a full buffer checks its parent
 _PROFILE_EVERY_S = 5.0
-# The pool (issue 10): the environment variable that turns it on at import.
-RECYCLE_ENV = "GRAIN_SHM_RECYCLE"
 
 
 class RandomAccessSource(Protocol):
@@ -321,11 +323,21 @@ def _failure(worker: int, maker: Optional[_Maker], error: BaseException) -> _Fai
     )
 
 
-def _turn_on_recycling(setting: Optional[str]) -> None:
-    """Give the worker the pool the consumer has (issue 10), where the pool exists."""
-    enable = getattr(SharedMemoryArray, "enable_recycling", None)
-    if setting and enable is not None:
-        enable(None if setting.strip() == "1" else int(setting))
+def _pool_setting() -> Optional[int]:
+    """This process's pool bound (0: off), for the workers to match whatever
+    their environment says; None where grain_shm has no pool (before issue 10)."""
+    stats = getattr(_shm, "pool_stats", None)
+    return None if stats is None else int(stats().get("max_bytes", 0))
+
+
+def _match_pool(setting: Optional[int]) -> None:
+    """Turn this worker's pool on (with the consumer's bound) or off, as the consumer's is."""
+    if setting is None:
+        return
+    if setting:
+        getattr(SharedMemoryArray, "enable_recycling")(setting)
+    else:
+        getattr(SharedMemoryArray, "_disable_recycling")()
 
 
 def _work(
@@ -337,7 +349,7 @@ def _work(
     channel: Connection,
     credits: Semaphore,
     profiling: bool,
-    recycle: Optional[str],
+    pool: Optional[int],
 ) -> None:
     """A worker: make items first_item, first_item + num_workers, ... and send them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
@@ -358,7 +370,7 @@ def _work(
     item = first_item
     try:
         try:
-            _turn_on_recycling(recycle)
+            _match_pool(pool)
             source, transform = pickle.loads(payload) if isinstance(payload, bytes) else payload
             maker = _Maker(plan, source, transform, allocate, stats)
         except Exception as error:
@@ -457,7 +469,7 @@ class _Workers:
         self.credits: List[Semaphore] = []
         self.exited: set[int] = set()  # workers that ended well (exit code 0)
         self.profile = _Profile(num_workers) if profiling else None
-        recycle = os.environ.get(RECYCLE_ENV)
+        pool = _pool_setting()
         try:
             for worker in range(num_workers):
                 receive, send = ctx.Pipe(duplex=False)
@@ -465,7 +477,7 @@ class _Workers:
                 proc = ctx.Process(  # type: ignore[attr-defined]
                     target=_work,
                     args=(worker, num_workers, first_item + worker, plan, payload, send,
-                          credits, profiling, recycle),
+                          credits, profiling, pool),
                     name=f"grain_shm-prefetch-{worker}",
                     daemon=True,
                 )

@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
-import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
@@ -113,12 +112,17 @@ Stream = Tuple[Iterator[Any], Callable[[], None]]  # the items, and how to stop
 def _grain_shm(nbytes: int, recycle: bool) -> Stream:
     import grain_shm
 
-    if recycle:
-        enable = getattr(grain_shm.SharedMemoryArray, "enable_recycling", None)
-        if enable is None:
-            raise Unavailable("SharedMemoryArray.enable_recycling does not exist yet (issue 10)")
-        os.environ["GRAIN_SHM_RECYCLE"] = "1"  # the workers' pool too
+    # The workers' pool is set as this process's is (on, or off even where
+    # GRAIN_SHM_RECYCLE says on), so "grain_shm" measures fresh segments.
+    enable: Optional[Callable[[], None]] = getattr(
+        grain_shm.SharedMemoryArray, "enable_recycling", None
+    )
+    if recycle and enable is None:
+        raise Unavailable("SharedMemoryArray.enable_recycling does not exist yet (issue 10)")
+    if recycle and enable is not None:
         enable()
+    elif enable is not None:
+        getattr(grain_shm.SharedMemoryArray, "_disable_recycling")()
     stream = grain_shm.prefetch(
         range(1 << 62), MakeElement(nbytes), batch_size=batch_size(nbytes), num_epochs=None,
         options=grain_shm.MultiprocessingOptions(WORKERS, IN_FLIGHT),
