@@ -166,9 +166,11 @@ def _pool_imap(nbytes: int) -> Stream:
             yield result
 
     def stop() -> None:
+        # Ends the task feed and lets the workers finish the few tasks left:
+        # terminate() can deadlock on the task thread's queue lock (seen here).
         stopping.set()
         credits.release()  # the task thread may be waiting for a credit
-        pool.terminate()
+        pool.close()
         pool.join()
 
     return items(), stop
