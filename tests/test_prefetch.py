@@ -315,6 +315,22 @@ def test_an_exception_that_does_not_pickle_becomes_a_runtime_error():
     assert "fail_unpicklably" in str(error.value.__cause__)
 
 
+def with_a_lambda(i):
+    return {"x": np.zeros(2), "f": (lambda: i) if i == 3 else None}
+
+
+def test_a_leaf_that_does_not_pickle_is_an_error_at_its_position():
+    got = []
+    with pytest.raises(Exception, match="lambda") as error:
+        for value in prefetch(list(range(6)), with_a_lambda, options=workers(2),
+                              mp_context="fork"):
+            got.append(value["f"])
+    assert got == [None, None, None]
+    assert "prefetch worker 1, at element 3" in str(error.value) + "".join(
+        getattr(error.value, "__notes__", [""]))
+    del value
+
+
 def test_killed_worker_is_an_error_naming_it_and_the_signal_within_a_second():
     proc = run_python(
         """

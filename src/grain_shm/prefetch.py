@@ -33,6 +33,7 @@ import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
+from multiprocessing.reduction import ForkingPickler
 import pickle
 import signal
 import time
@@ -387,16 +388,19 @@ def _work(
                 stats.blocked_s += time.perf_counter() - blocked
             try:
                 tree = maker.make(item)
+                stats.alive_s = time.perf_counter() - started
+                # Pickled before sending, so that a leaf pickle refuses is this
+                # item's error; `held` and the tree share their arrays (memo).
+                message = ForkingPickler.dumps((item, tree, held, stats if profiling else None))
             except Exception as error:
                 _discard(held)
                 with guard:
                     channel.send((item, _failure(worker, maker, error), [], None))
                 return
-            stats.alive_s = time.perf_counter() - started
             with guard:
-                channel.send((item, tree, held, stats if profiling else None))
+                channel.send_bytes(message)
                 held.clear()
-            del tree
+            del tree, message
             item += num_workers
     except (_Stop, BrokenPipeError):
         pass
