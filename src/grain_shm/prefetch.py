@@ -42,6 +42,7 @@ import weakref
 from collections.abc import Mapping
 from typing import (
     TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterator, List, Optional, Protocol, Tuple, Union,
+    cast,
 )
 
 import numpy as np
@@ -120,16 +121,23 @@ class _Order:
         self._epoch = -1
         self._permutation = np.empty(0, np.int64)
 
-    def source_index(self, position: int) -> int:
+    def _permutation_of(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([cast(int, self._plan.shuffle_seed), epoch])
+            self._permutation = rng.permutation(self._plan.size)
+            self._epoch = epoch
+        return self._permutation
+
+    def source_indices(self, positions: range) -> List[int]:
+        """One array operation per batch, not a few Python ones per element."""
         plan = self._plan
-        epoch, offset = divmod(position, plan.size)
+        epochs, offsets = np.divmod(np.arange(positions.start, positions.stop), plan.size)
         if plan.shuffle_seed is not None:
-            if epoch != self._epoch:
-                rng = np.random.default_rng([plan.shuffle_seed, epoch])
-                self._permutation = rng.permutation(plan.size)
-                self._epoch = epoch
-            offset = int(self._permutation[offset])
-        return plan.start + offset
+            for epoch in range(int(epochs[0]), int(epochs[-1]) + 1):
+                here = epochs == epoch
+                offsets[here] = self._permutation_of(epoch)[offsets[here]]
+        indices: List[int] = (offsets + plan.start).tolist()
+        return indices
 
 
 # -- Making items: read, transform, write the array leaves where `allocate` says.
@@ -167,8 +175,10 @@ class _Maker:
         transform: Optional[Transform],
         allocate: Optional[Allocate],
         stats: _Stats,
+        timed: bool = False,
     ) -> None:
         self._plan = plan
+        self._timed = timed  # time reads and transforms (profiling)
         self._order = _Order(plan)
         self._source = source
         self._transform = transform
@@ -179,23 +189,27 @@ class _Maker:
 
     def make(self, item: int) -> Any:
         positions = self._plan.positions(item)
+        indices = self._order.source_indices(positions)
         if self._plan.batch_size is None:
-            element = self._element(positions[0])
+            element = self._element(positions[0], indices[0])
             return element if self._allocate is None else _map(self._share, element)
-        return self._batch(positions)
+        return self._batch(positions, indices)
 
-    def _element(self, position: int) -> Any:
+    def _element(self, position: int, index: int) -> Any:
         self.position = position
-        self.index = self._order.source_index(position)
+        self.index = index
+        stats = self.stats
+        stats.elements += 1
+        if not self._timed:
+            element = self._source[index]
+            return element if self._transform is None else self._transform(element)
         started = time.perf_counter()
-        element = self._source[self.index]
+        element = self._source[index]
         read = time.perf_counter()
         if self._transform is not None:
             element = self._transform(element)
-        stats = self.stats
         stats.read_s += read - started
         stats.transform_s += time.perf_counter() - read
-        stats.elements += 1
         return element
 
     def _share(self, leaf: Any) -> Any:
@@ -207,11 +221,12 @@ class _Maker:
         self.stats.bytes += shared.nbytes
         return shared
 
-    def _batch(self, positions: range) -> Any:
+    def _batch(self, positions: range, indices: List[int]) -> Any:
         allocate = self._allocate or (lambda shape, dtype: np.empty(shape, dtype))
-        first = self._element(positions[0])
+        first = self._element(positions[0], indices[0])
         leaves: List[Any] = []
         structure = _structure(first, leaves)
+        bare = structure is None  # the element is its only leaf: no tree to compare
         columns: List[Union[np.ndarray, List[Any]]] = []
         for leaf in leaves:
             value = _as_array(leaf)
@@ -221,12 +236,14 @@ class _Maker:
                 column = allocate((len(positions),) + value.shape, value.dtype)
                 column[0] = value
                 columns.append(column)
-        for row, position in enumerate(positions[1:], 1):
-            element = self._element(position)
+        for row in range(1, len(positions)):
+            element = self._element(positions[row], indices[row])
             these: List[Any] = []
-            if _structure(element, these) != structure:
+            if bare:
+                these.append(element)
+            elif _structure(element, these) != structure:
                 raise ValueError(
-                    f"element {position} (source index {self.index}) is not structured "
+                    f"element {self.position} (source index {self.index}) is not structured "
                     f"like the batch's first element (containers, keys and their order "
                     f"must match)"
                 )
@@ -237,7 +254,7 @@ class _Maker:
                 value = np.asarray(leaf)
                 if value.shape != filling.shape[1:] or value.dtype != filling.dtype:
                     raise ValueError(
-                        f"element {position} (source index {self.index}) has a leaf of "
+                        f"element {self.position} (source index {self.index}) has a leaf of "
                         f"shape {value.shape} and dtype {value.dtype} where the batch's "
                         f"first element has {filling.shape[1:]} and {filling.dtype}"
                     )
@@ -373,7 +390,7 @@ def _work(
         try:
             _match_pool(pool)
             source, transform = pickle.loads(payload) if isinstance(payload, bytes) else payload
-            maker = _Maker(plan, source, transform, allocate, stats)
+            maker = _Maker(plan, source, transform, allocate, stats, timed=profiling)
         except Exception as error:
             with guard:
                 channel.send((item, _failure(worker, None, error), [], None))
