@@ -563,7 +563,8 @@ class _Workers:
         else:
             how = f"exited with code {code}"
         return RuntimeError(
-            f"prefetch worker {worker} (pid {proc.pid}) {how} before sending item {item}"
+            f"prefetch worker {worker} (pid {proc.pid}) {how}; the consumer was waiting "
+            f"for item {item}"
         )
 
     def stop(self) -> None:
