@@ -15,11 +15,13 @@ import pytest
 
 from conftest import run_python
 
-SECTIONS = ["ceilings", "transfer", "cfd", "release", "grain-pipeline"]
+SECTIONS = ["ceilings", "transfer", "cfd", "release", "grain-pipeline", "pipeline"]
 HAVE_GRAIN = importlib.util.find_spec("grain") is not None
 TRANSPORTS = ["pickle", "stdlib", "grain_shm", "grain_shm-async", "grain_shm-recycle",
               "grain_shm-recycle-async"]
 POOLED = {"grain_shm-recycle", "grain_shm-recycle-async"}
+# The pipeline runs grain_shm's prefetcher (and with the pool) and Pool.imap (pickle).
+PIPELINE = ["grain_shm", "grain_shm-recycle", "pickle"]
 SUMMARY_KEYS = {"n", "median", "p10", "p90", "min", "max", "mean"}
 
 
@@ -62,6 +64,7 @@ def test_every_cell_ran_or_says_why_not(quick_run):
     cells = {(c["section"], c["transport"]): c for c in doc["cells"]}
     expected = {("ceilings", None), ("grain-pipeline", "grain_shm")}
     expected |= {(s, t) for s in SECTIONS[1:4] for t in TRANSPORTS}
+    expected |= {("pipeline", t) for t in PIPELINE}
     assert cells.keys() == expected
     for key, cell in cells.items():
         if key[0] == "grain-pipeline" and not HAVE_GRAIN:
@@ -86,6 +89,11 @@ def test_figures_are_where_the_json_promises(quick_run):
             assert result["size"] == 65536 and result["runs"] >= 1
             assert result["steady_elements_per_s"] > 0
             assert result["end_to_end_elements_per_s"] > 0
+        elif cell["section"] == "pipeline":
+            assert result["size"] == 65536 and result["batch_size"] == 256
+            assert result["timed_items"] >= 3
+            assert result["elements_per_s"].keys() == result["gbps"].keys() == SUMMARY_KEYS
+            assert result["startup_s"] > 0 and 0 <= result["consumer_waiting"] <= 1
         elif cell["section"] == "ceilings":
             (row,) = result["sizes"]
             for figure in ("memcpy", "first_touch_fill", "fresh_read"):
@@ -113,9 +121,10 @@ def test_no_leak_and_tables_printed(quick_run):
     assert doc["leak_check"]["leaked"] == []
     assert "| size | transport | GB/s |" in proc.stdout
     assert "Leak check: /dev/shm holds nothing new." in proc.stdout
-    assert "[cell 20/20]" in proc.stderr
+    assert "[cell 23/23]" in proc.stderr
     assert "| 64 KiB | grain_shm-recycle |" in proc.stdout
     assert "pool MiB" in proc.stdout
+    assert "| element | variant | elements/s |" in proc.stdout
 
 
 def test_fresh_transports_stay_fresh_under_GRAIN_SHM_RECYCLE(tmp_path):

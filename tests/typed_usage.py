@@ -16,9 +16,11 @@ import numpy.typing as npt
 from grain_shm import (
     MultiprocessingOptions,
     SharedMemoryArray,
+    Prefetcher,
     SharedMemoryArrayMetadata,
     copy_to_shm,
     open_from_shm,
+    prefetch,
     unlink_shm,
 )
 
@@ -27,6 +29,10 @@ def make_batch(rows: int) -> SharedMemoryArray:
     batch = SharedMemoryArray((rows, 3), np.float32)
     batch[:] = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)
     return batch
+
+
+def row(index: int) -> npt.NDArray[np.float32]:
+    return np.full(3, index, np.float32)
 
 
 def total(values: npt.NDArray[np.float32]) -> float:
@@ -53,6 +59,12 @@ def main() -> None:
 
     unsent = copy_to_shm([np.zeros(2)])
     unlink_shm(unsent)
+
+    stream: Prefetcher = prefetch(list(range(10)), row, options=options, batch_size=4)
+    with stream:
+        first = next(stream)
+        state: dict[str, Any] = stream.get_state()
+    assert first.shape == (4, 3) and state["next_index"] == 1
 
 
 if __name__ == "__main__":

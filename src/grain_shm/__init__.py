@@ -15,15 +15,18 @@ else:  # pragma: no cover
 from grain_shm.array import SharedMemoryArray, SharedMemoryArrayMetadata
 from grain_shm.grain_patch import patch_grain
 from grain_shm.options import MultiprocessingOptions
+from grain_shm.prefetch import Prefetcher, prefetch
 from grain_shm.tree import copy_to_shm, open_from_shm, unlink_shm
 
 __all__ = [
     "MultiprocessingOptions",
+    "Prefetcher",
     "SharedMemoryArray",
     "SharedMemoryArrayMetadata",
     "copy_to_shm",
     "open_from_shm",
     "patch_grain",
+    "prefetch",
     "unlink_shm",
 ]
 __version__ = "0.1.0"

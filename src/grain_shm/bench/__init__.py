@@ -17,7 +17,7 @@ import sys
 from typing import Callable, List, Optional, Sequence, cast
 
 from grain_shm.bench import (
-    ceilings, grain_pipeline, leaks, machine, micro, plot, report, runner, transfer,
+    ceilings, grain_pipeline, leaks, machine, micro, pipeline, plot, report, runner, transfer,
 )
 from grain_shm.bench.payload import check_size
 from grain_shm.bench.report import RunRecord
@@ -30,6 +30,7 @@ SECTIONS = {
     "cfd": micro.CREATE_FILL_DESTROY,
     "release": micro.RELEASE,
     "grain-pipeline": grain_pipeline.SECTION,
+    "pipeline": pipeline.SECTION,
 }
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -43,9 +44,9 @@ GRAIN_PIPELINE_SIZES = (4 * MiB,)
 # dominated by starting two interpreters per transfer cell).
 BUDGETS = {
     "full": {"transfer": (2.5, 10), "cfd": (0.3, 20), "release": (0.3, 20), "ceilings": (0.2, 10),
-             "grain-pipeline": (20.0, 96)},
+             "grain-pipeline": (20.0, 96), "pipeline": (3.0, 10)},
     "quick": {"transfer": (0.05, 3), "cfd": (0.005, 3), "release": (0.005, 3), "ceilings": (0.005, 3),
-              "grain-pipeline": (0.0, 8)},
+              "grain-pipeline": (0.0, 8), "pipeline": (0.05, 3)},
 }
 
 _UNITS = {"": 1, "B": 1, "K": KiB, "KB": KiB, "KIB": KiB, "M": MiB, "MB": MiB, "MIB": MiB,
@@ -113,9 +114,21 @@ def plan(args: argparse.Namespace) -> List[Cell]:
         elif section == "transfer":  # sizes outside, so drift hits every transport alike
             cells += [Cell(section, t, (size,), budget, least)
                       for size in transfer_sizes for t in args.transports]
+        elif section == "pipeline":
+            cells += [Cell(section, v, (size,), budget, least)
+                      for size in args.sizes or pipeline.SIZES for v in _pipeline_variants(args)]
         else:
             cells += [Cell(section, t, micro_sizes, budget, least) for t in args.transports]
     return cells
+
+
+def _pipeline_variants(args: argparse.Namespace) -> List[str]:
+    """The chosen transports that the pipeline section runs; grain_shm brings
+    grain_shm-recycle while the pool (issue 10) is not a transport of its own."""
+    chosen = set(args.transports)
+    if "grain_shm" in chosen and "grain_shm-recycle" not in TRANSPORTS:
+        chosen.add("grain_shm-recycle")
+    return [v for v in pipeline.VARIANTS if v in chosen]
 
 
 def _output_problem(args: argparse.Namespace) -> Optional[str]:
@@ -153,6 +166,7 @@ def main(argv: Sequence[str]) -> int:
         "micro_sizes": list(args.sizes or MICRO_SIZES),
         "budgets": BUDGETS["quick" if args.quick else "full"],
         "transfer_queue_depth": transfer.QUEUE_DEPTH,
+        "pipeline_sizes": sorted({c.sizes[0] for c in cells if c.section == "pipeline"}),
     }
     watch = leaks.Watch()
     doc["cells"] = runner.run(cells, SECTIONS, watch)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple, TypedDict
 
-from grain_shm.bench import machine
+from grain_shm.bench import machine, pipeline
 from grain_shm.bench.leaks import LeakCheck
 from grain_shm.bench.runner import CellRecord, Result, format_size
 
@@ -26,6 +26,7 @@ class RunConfig(TypedDict):
     micro_sizes: List[int]
     budgets: Dict[str, Tuple[float, int]]  # section: (seconds, minimum count)
     transfer_queue_depth: int
+    pipeline_sizes: List[int]
 
 
 class _RunStart(TypedDict):
@@ -212,6 +213,7 @@ _TITLES = {
         "private np.empty array (malloc recycles its pages); ÷ stdlib = time "
         "ratio, lower is better; of ceiling = first-touch fill time / this time"
     ),
+    "pipeline": pipeline.TITLE,
     "release": (
         "release on the caller: dropping a received array this process owns, "
         "after reading it, µs (median)"
@@ -235,6 +237,8 @@ def _tables(doc: RunRecord) -> List[Tuple[str, List[str], List[List[str]]]]:
             from grain_shm.bench import grain_pipeline
 
             headers, rows = grain_pipeline.table(doc)
+        elif section == "pipeline":
+            headers, rows = pipeline.table(doc)
         else:
             headers, rows = micro_table(doc, section)
         title = _TITLES[section].format(depth=doc["config"]["transfer_queue_depth"])
@@ -284,7 +288,7 @@ def render(doc: RunRecord, markdown: bool = False) -> str:
     """Every table of the run, then skips, failures and the leak verdict."""
     parts = [machine.headline(doc["machine"], doc["versions"], doc["started"])]
     for title, headers, rows in _tables(doc):
-        left = 2 if headers[1] == "transport" else 1
+        left = 2 if headers[1] in ("transport", "variant") else 1
         heading = f"**{title}**" if markdown else title
         parts.append(f"{heading}\n\n{_render(headers, rows, markdown, left)}")
     bullet = "- " if markdown else ""

@@ -303,7 +303,8 @@ TRANSPORTS: Dict[str, Type[Transport]] = {
 
 def missing(name: str) -> Optional[str]:
     """Why transport `name` cannot be imported here, or None (checked without importing)."""
-    module = TRANSPORTS[name].requires
+    transport = TRANSPORTS.get(name)  # a section may run variants of its own (pipeline)
+    module = transport.requires if transport is not None else None
     if module is None or importlib.util.find_spec(module) is not None:
         return None
     return f"{module} is not installed (pip install 'grain_shm[compare]')"
