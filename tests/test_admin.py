@@ -19,6 +19,9 @@ pytestmark = pytest.mark.skipif(
     not os.path.isdir(SHM_DIR), reason="ls and gc read /dev/shm (Linux)"
 )
 
+# The trees that check segments make segments of their own, even where
+# GRAIN_SHM_RECYCLE is set for the test run (arenas have tests of their own).
+FRESH = {"GRAIN_SHM_RECYCLE": "0"}
 LIVE_TREE = """
 import json, sys
 import numpy as np
@@ -65,7 +68,7 @@ def remove(names):
 
 @pytest.fixture
 def live_tree(tmp_path):
-    tree = Tree(tmp_path, LIVE_TREE)
+    tree = Tree(tmp_path, LIVE_TREE, env=clean_env(**FRESH))
     info = tree.report()
     yield info
     tree.finish()
@@ -109,7 +112,7 @@ def test_gc_judges_a_container_session_only_from_the_host(tmp_path):
     so whether it lives; from another namespace it cannot, and keeps it."""
     if not _can_nest_pid_namespaces():
         pytest.skip("needs root in the initial pid namespace, with unshare --pid")
-    tree = Tree(tmp_path, LIVE_TREE, wrapper=NEW_PID_NAMESPACE)
+    tree = Tree(tmp_path, LIVE_TREE, env=clean_env(**FRESH), wrapper=NEW_PID_NAMESPACE)
     try:
         info = tree.report()
         names = info["names"]
@@ -303,7 +306,8 @@ def test_gc_removes_a_dead_sessions_arenas(tmp_path):
 def test_doctor_shows_the_pools_bound():
     from grain_shm.array import _default_pool_bytes
 
-    off = grain_shm("doctor", env=clean_env()).stdout
+    unset = {k: v for k, v in clean_env().items() if k != "GRAIN_SHM_RECYCLE"}
+    off = grain_shm("doctor", env=unset).stdout
     assert "GRAIN_SHM_RECYCLE not set" in off
     default = _default_pool_bytes()
     assert f"default bound: {admin._human(default)}" in off
