@@ -22,6 +22,9 @@ pytestmark = pytest.mark.skipif(
     not os.path.isdir(SHM_DIR), reason="ls and gc read /dev/shm (Linux)"
 )
 
+# The trees that check segments make segments of their own, even where
+# GRAIN_SHM_RECYCLE is set for the test run (arenas have tests of their own).
+FRESH = {"GRAIN_SHM_RECYCLE": "0"}
 LIVE_TREE = """
 import json, sys
 import numpy as np
@@ -68,8 +71,7 @@ def remove(names):
 
 @pytest.fixture
 def live_tree(tmp_path):
-    # Segments of their own, whatever the suite's mode: each record is one array.
-    tree = Tree(tmp_path, LIVE_TREE, env=clean_env(GRAIN_SHM_RECYCLE="0"))
+    tree = Tree(tmp_path, LIVE_TREE, env=clean_env(**FRESH))
     info = tree.report()
     yield info
     tree.finish()
@@ -114,7 +116,7 @@ def test_gc_judges_a_container_session_only_from_the_host(tmp_path):
     namespace (the session's sockets); from another it cannot, and keeps it."""
     if not _can_nest_pid_namespaces():
         pytest.skip("needs root in the initial pid namespace, with unshare --pid")
-    tree = Tree(tmp_path, LIVE_TREE, wrapper=NEW_PID_NAMESPACE)
+    tree = Tree(tmp_path, LIVE_TREE, env=clean_env(**FRESH), wrapper=NEW_PID_NAMESPACE)
     try:
         info = tree.report()
         names = info["names"]
@@ -317,8 +319,8 @@ def test_gc_removes_a_dead_sessions_arenas(tmp_path):
 def test_doctor_shows_the_pools_bound():
     from grain_shm.array import _default_pool_bytes
 
-    env = {k: v for k, v in clean_env().items() if k != "GRAIN_SHM_RECYCLE"}
-    off = grain_shm("doctor", env=env).stdout
+    unset = {k: v for k, v in clean_env().items() if k != "GRAIN_SHM_RECYCLE"}
+    off = grain_shm("doctor", env=unset).stdout
     assert "GRAIN_SHM_RECYCLE not set" in off
     default = _default_pool_bytes()
     assert f"default bound: {admin._human(default)}" in off
