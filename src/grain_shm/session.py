@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import _signal  # type: ignore[import-not-found]  # not signal: it builds enums (~0.7 ms)
 import _thread  # not threading, which costs ~1 ms to import
 import contextvars
 import errno
@@ -162,9 +163,15 @@ def _start_reaper(member: Any, _socket: Any) -> bool:
         pid_1 = os.getpid() == 1 or reaper.root_of(SESSION)[0] == 1
         if sys.executable and os.path.exists("/bin/sh") and not pid_1:
             sh, pid_pipe = _spawn(listener.fileno())
-            # _thread, not threading: Thread.start() waits until the thread runs.
             _launched.acquire()
-            _thread.start_new_thread(_settle, (sh, pid_pipe))
+            # The thread starts with every signal blocked: a Ctrl-C the
+            # kernel gave it would not interrupt the main thread's wait.
+            # _thread, not threading: Thread.start() waits until the thread runs.
+            mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
+            try:
+                _thread.start_new_thread(_settle, (sh, pid_pipe))
+            finally:
+                _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:  # someone else just started one
             return False
