@@ -150,9 +150,9 @@ def _start_reaper(member: Any, _socket: Any) -> bool:
     """Bind the session's reaper socket, connect `member` to it, and start
     the reaper on it: False if another process bound it first. The
     connection waits in the socket's backlog until the reaper accepts it, so
-    nothing here waits for the reaper, nor for sh: sh is started here (once
-    it runs, the reaper starts whatever happens to this process), and reaped
-    on a short-lived thread."""
+    nothing here waits for the reaper, nor for sh to finish: sh is started
+    here (once it runs, the reaper starts whatever happens to this process),
+    and reaped on a short-lived thread."""
     listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         listener.bind(names.reaper_address(SESSION))
