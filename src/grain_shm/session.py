@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import _signal  # type: ignore[import-not-found]  # not signal: it builds enums (~0.7 ms)
 import _thread  # not threading, which costs ~1 ms to import
 import contextvars
 import errno
@@ -149,9 +150,9 @@ def _start_reaper(member: Any, _socket: Any) -> bool:
     """Bind the session's reaper socket, connect `member` to it, and start
     the reaper on it: False if another process bound it first. The
     connection waits in the socket's backlog until the reaper accepts it, so
-    nothing here waits for the reaper, nor for sh: sh is started here (once
-    it runs, the reaper starts whatever happens to this process), and reaped
-    on a short-lived thread."""
+    nothing here waits for the reaper, nor for sh to finish: sh is started
+    here (once it runs, the reaper starts whatever happens to this process),
+    and reaped on a short-lived thread."""
     listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         listener.bind(names.reaper_address(SESSION))
@@ -162,9 +163,15 @@ def _start_reaper(member: Any, _socket: Any) -> bool:
         pid_1 = os.getpid() == 1 or reaper.root_of(SESSION)[0] == 1
         if sys.executable and os.path.exists("/bin/sh") and not pid_1:
             sh, pid_pipe = _spawn(listener.fileno())
-            # _thread, not threading: Thread.start() waits until the thread runs.
             _launched.acquire()
-            _thread.start_new_thread(_settle, (sh, pid_pipe))
+            # The thread starts with every signal blocked: a Ctrl-C the
+            # kernel gave it would not interrupt the main thread's wait.
+            # _thread, not threading: Thread.start() waits until the thread runs.
+            mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
+            try:
+                _thread.start_new_thread(_settle, (sh, pid_pipe))
+            finally:
+                _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:  # someone else just started one
             return False
