@@ -1,6 +1,5 @@
 """Who unlinks, and when: process exit, fork, killed readers, big arrays."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import numpy as np
 from _names import exists
 from conftest import run_python
 
-from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata
+from grain_shm import SharedMemoryArray
 
 
 def test_owned_arrays_alive_at_exit_are_unlinked_quietly():

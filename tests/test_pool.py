@@ -10,16 +10,14 @@ suite.
 
 import dataclasses
 import gc
-import multiprocessing as mp
-import os
 import pickle
-import signal
+import textwrap
 
 import numpy as np
 import pytest
 
 from _names import exists, references
-from conftest import own_entries, run_python
+from conftest import run_python
 from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata, _shm, session
 
 MiB = 1 << 20
@@ -205,16 +203,6 @@ def test_disabling_keeps_live_blocks_valid():
     assert not exists(md)
 
 
-def _produce(queue, count):
-    SharedMemoryArray.enable_recycling(32 * MiB)
-    for i in range(count):
-        arr = SharedMemoryArray((1024,), np.int64)
-        arr[:] = i
-        queue.put(arr)
-        del arr
-    queue.put(None)
-
-
 def test_a_producers_view_survives_the_consumers_unlink():
     run_python(
         """
@@ -368,20 +356,25 @@ def test_async_release_of_blocks():
     )
 
 
+# A spawned producer of three pooled arrays, 0.0, 1.0 and 2.0 (x1000).
+PRODUCER = """
+import multiprocessing as mp, os, signal, time
+import numpy as np
+from grain_shm import SharedMemoryArray, _shm
+
+def produce(queue):
+    SharedMemoryArray.enable_recycling(16 << 20)
+    for i in range(3):
+        a = SharedMemoryArray((1000,), np.float64)
+        a[:] = i
+        queue.put(a)
+        del a
+"""
+
+
 def test_an_exiting_owner_leaves_its_arena_to_the_last_holder():
     run_python(
-        """
-        import multiprocessing as mp, os
-        import numpy as np
-        from grain_shm import SharedMemoryArray
-
-        def produce(queue):
-            SharedMemoryArray.enable_recycling(16 << 20)
-            for i in range(3):
-                a = SharedMemoryArray((1000,), np.float64)
-                a[:] = i
-                queue.put(a)
-                del a
+        PRODUCER + textwrap.dedent("""
 
         if __name__ == "__main__":
             ctx = mp.get_context("spawn")
@@ -399,7 +392,7 @@ def test_an_exiting_owner_leaves_its_arena_to_the_last_holder():
             del got, a
             # The last block freed: its holder unlinks the arena.
             assert not os.path.exists("/dev/shm/" + arena)
-        """
+        """)
     )
 
 
@@ -494,24 +487,16 @@ def test_the_environment_turns_it_on_in_every_process_that_inherits_it():
 
 def test_a_killed_producers_arena_goes_once_nothing_in_it_can_be_opened():
     run_python(
-        """
-        import multiprocessing as mp, os, signal, time
-        import numpy as np
-        from grain_shm import SharedMemoryArray, _shm
+        PRODUCER + textwrap.dedent("""
 
-        def produce(queue):
-            SharedMemoryArray.enable_recycling(16 << 20)
-            for i in range(3):
-                a = SharedMemoryArray((1000,), np.float64)
-                a[:] = i
-                queue.put(a)
-                del a
+        def produce_then_wait(queue):
+            produce(queue)
             time.sleep(600)  # killed here: it never says it is gone
 
         if __name__ == "__main__":
             ctx = mp.get_context("spawn")
             queue = ctx.Queue()
-            child = ctx.Process(target=produce, args=(queue,))
+            child = ctx.Process(target=produce_then_wait, args=(queue,))
             child.start()
             got = [queue.get(timeout=60) for _ in range(3)]
             os.kill(child.pid, signal.SIGKILL)
@@ -527,7 +512,7 @@ def test_a_killed_producers_arena_goes_once_nothing_in_it_can_be_opened():
             _shm.pool_trim(0.0)
             assert not os.path.exists("/dev/shm/" + arena)  # nothing left to open
             assert float(keep.sum()) == 2000.0
-        """
+        """)
     )
 
 

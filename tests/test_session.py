@@ -4,7 +4,6 @@ when its root goes, however it goes; readers keep what they mapped."""
 import json
 import os
 import pickle
-import re
 import signal
 import subprocess
 import sys

@@ -44,7 +44,6 @@ module's helpers and must stay cheap.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import TYPE_CHECKING
 
