@@ -12,11 +12,29 @@ else:  # pragma: no cover
         "grain_shm needs POSIX shared memory (shm_open/mmap); Windows is not supported"
     )
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
 from grain_shm.array import SharedMemoryArray, SharedMemoryArrayMetadata
 from grain_shm.grain_patch import patch_grain
 from grain_shm.options import MultiprocessingOptions
-from grain_shm.prefetch import Prefetcher, prefetch
 from grain_shm.tree import copy_to_shm, open_from_shm, unlink_shm
+
+if _TYPE_CHECKING:
+    from grain_shm.prefetch import Prefetcher, prefetch
+
+
+def __getattr__(name: str) -> object:
+    """`prefetch` and `Prefetcher`, imported on first use: the prefetcher
+    needs multiprocessing and logging, which `import grain_shm` must not pay
+    for (see benchmarks/fixed_costs.py)."""
+    if name in ("prefetch", "Prefetcher"):
+        import importlib
+
+        module = importlib.import_module("grain_shm.prefetch")
+        # Importing the submodule bound its name here: the function wins.
+        globals().update(prefetch=module.prefetch, Prefetcher=module.Prefetcher)
+        return globals()[name]
+    raise AttributeError(f"module 'grain_shm' has no attribute {name!r}")
 
 __all__ = [
     "MultiprocessingOptions",
