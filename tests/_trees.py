@@ -138,8 +138,20 @@ def reapers(session: str) -> list[int]:
         if not entry.isdigit():
             continue
         argv = _cmdline(int(entry)).split(b"\0")
-        if any(b"reaper.main" in a for a in argv) and session.encode() in argv:
+        # Not the sh that launches it (or sh's child before its exec): their
+        # argv holds the reaper's command line too.
+        if (argv[0] != b"sh" and any(b"reaper.main" in a for a in argv)
+                and session.encode() in argv):
             found.append(int(entry))
+    return found
+
+
+def wait_reaper(session: str, timeout: float = 10.0) -> list[int]:
+    """The pids of `session`'s reaper once it runs: sh starts it in the
+    background, so it may come up a little after the first array."""
+    deadline = time.monotonic() + timeout
+    while not (found := reapers(session)) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return found
 
 

@@ -15,7 +15,7 @@ from grain_shm import admin, reaper
 from grain_shm import names as names_mod
 
 from _trees import (
-    SHM_DIR, Tree, clean_env, existing, reapers, wait_gone, wait_reapers_gone,
+    SHM_DIR, Tree, clean_env, existing, reapers, wait_gone, wait_reaper, wait_reapers_gone,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -300,7 +300,7 @@ def test_gc_removes_a_dead_sessions_arenas(tmp_path):
     try:
         info = tree.report()
         names = info["names"]
-        for pid in reapers(info["session"]):
+        for pid in wait_reaper(info["session"]):  # killed, or it would sweep at the end
             os.kill(pid, signal.SIGKILL)
         tree.kill_group()
         tree.proc.wait(timeout=30)
