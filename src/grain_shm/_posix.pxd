@@ -67,6 +67,8 @@ cdef extern from "_pool.h" nogil:
         gs_block *block
         void *arena
     enum: GS_MIN_BLOCK_SHIFT
+    uint64_t GS_LINKED
+    uint64_t GS_REFS
     int gs_size_class(uint64_t nbytes)
     uint64_t gs_remote_frees(gs_arena *a)
     bint GS_IS_FREE(uint64_t word)
@@ -82,7 +84,6 @@ cdef extern from "_pool.h" nogil:
     int gs_block_acquire(gs_block *b, uint32_t gen)
     bint gs_block_release(gs_block *b, bint unlink)
     int gs_block_unlink(gs_block *b, uint32_t gen)
-    bint gs_arena_all_free(gs_arena *a, uint32_t nblocks)
     bint gs_arena_retire(gs_arena *a)
     bint gs_arena_freed_remotely(gs_arena *a, uint32_t nblocks)
     bint gs_arena_abandon(gs_arena *a, uint32_t nblocks)

@@ -32,7 +32,7 @@ from posix.unistd cimport close
 
 from grain_shm._checkrc cimport check_rc, raise_errno
 from grain_shm._posix cimport (GS_MAX_THREADS, GS_MIN_BLOCK_SHIFT, MAP_POPULATE,
-                               gs_arena, gs_arena_abandon, gs_arena_all_free,
+                               gs_arena, gs_arena_abandon,
                                gs_arena_none_linked,
                                gs_arena_data_start, gs_arena_freed_remotely,
                                gs_arena_init, gs_arena_retire, gs_arena_valid,
@@ -40,7 +40,7 @@ from grain_shm._posix cimport (GS_MAX_THREADS, GS_MIN_BLOCK_SHIFT, MAP_POPULATE,
                                gs_block_take, gs_block_unlink, gs_blockref,
                                gs_blockref_add, gs_blockref_take,
                                gs_blockrefs_first, gs_generation, gs_remote_frees,
-                               gs_size_class, gs_word, GS_GEN, GS_IS_FREE,
+                               gs_size_class, gs_word, GS_GEN, GS_IS_FREE, GS_LINKED, GS_REFS,
                                gs_deleter_enable, PyArray_NewFromDescr,
                                gs_deleter_hold, gs_deleter_push, gs_deleter_stats,
                                gs_deleter_stats_get, gs_deleter_stop, gs_is_segment,
@@ -298,10 +298,7 @@ cdef void _release_block(Arena arena, gs_block *block, bint unlink) noexcept:
     arena.live -= 1
     if gs_block_release(block, unlink):
         arena.block_freed(block)
-    global _pool_ops
-    _pool_ops += 1
-    if _pool_ops % TRIM_EVERY == 0:
-        _pool_maybe_trim()
+    _pool_tick()
 
 
 @cython.no_gc_clear  # __dealloc__ needs `arena`; a Segment is in no cycle
@@ -664,13 +661,16 @@ cdef Segment _block_segment(Arena arena, uint32_t index, uint32_t gen, Py_ssize_
     return seg
 
 
-cdef void _pool_forget_parent() noexcept:
-    """In a forked child: the parent's arenas are another process's now, the
-    child's own pool starts empty (they stay in the cache, as foreign)."""
+cdef list _own_classes():
+    """This process's own arenas by class. In a forked child the parent's
+    are another process's: the child's pool starts empty (they stay in the
+    cache, as foreign)."""
     global _pool_bytes, _pool_gen, _pool_classes
-    _pool_classes = [[] for _ in range(N_CLASSES)]
-    _pool_bytes = 0
-    _pool_gen = gs_generation
+    if _pool_gen != gs_generation:
+        _pool_classes = [[] for _ in range(N_CLASSES)]
+        _pool_bytes = 0
+        _pool_gen = gs_generation
+    return _pool_classes
 
 
 cdef Arena _new_arena(int klass):
@@ -730,17 +730,13 @@ cdef Segment _take_from(Arena arena, Py_ssize_t nbytes):
 cdef Segment _pool_take(Py_ssize_t nbytes):
     """A block for `nbytes` from an own arena, or None: too large, or no
     room within the bound (the caller takes a fresh segment)."""
-    global _pool_ops, _fallbacks
+    global _fallbacks
     cdef int klass = gs_size_class(nbytes)
     cdef Arena arena
     cdef Segment seg
     if klass < N_CLASSES and _arena_bytes(klass) <= _pool_limit // 2:
-        if _pool_gen != gs_generation:
-            _pool_forget_parent()
-        _pool_ops += 1
-        if _pool_ops % TRIM_EVERY == 0:
-            _pool_maybe_trim()
-        for arena in _pool_classes[klass]:
+        _pool_tick()
+        for arena in _own_classes()[klass]:
             seg = _take_from(arena, nbytes)
             if seg is not None:
                 return seg
@@ -773,10 +769,9 @@ cdef void _pool_trim(double idle_seconds) noexcept:
     cdef Arena arena
     cdef int klass
     _last_trim = now
-    if _pool_gen != gs_generation:
-        _pool_forget_parent()
+    cdef list classes = _own_classes()
     for klass in range(N_CLASSES):
-        for arena in list(_pool_classes[klass]):
+        for arena in list(classes[klass]):
             if gs_remote_frees(arena.hdr) != arena.seen_remote:
                 arena.rebuild_free()
             if arena.nfree < arena.nblocks or (
@@ -810,6 +805,15 @@ cdef bint _owner_gone(Arena arena) noexcept:
 cdef void _pool_maybe_trim() noexcept:
     if _now() - _last_trim >= TRIM_INTERVAL:
         _pool_trim(IDLE_SECONDS)
+
+
+cdef inline void _pool_tick() noexcept:
+    """One more pool operation (a take or a release): look at the clock every
+    TRIM_EVERY of them, so that idle arenas go without a timer."""
+    global _pool_ops
+    _pool_ops += 1
+    if _pool_ops % TRIM_EVERY == 0:
+        _pool_maybe_trim()
 
 
 cdef Arena _map_arena(str name):
@@ -961,10 +965,9 @@ def pool_stats():
     cdef Arena arena
     cdef uint32_t i
     cdef Py_ssize_t blocks = 0, in_use = 0, bytes_in_use = 0, cached = 0
-    if _pool_gen != gs_generation:
-        _pool_forget_parent()
+    cdef list classes = _own_classes()
     for klass in range(N_CLASSES):
-        for arena in _pool_classes[klass]:
+        for arena in classes[klass]:
             blocks += arena.nblocks
             for i in range(arena.nblocks):
                 if not GS_IS_FREE(gs_word(&arena.hdr.blocks[i])):
@@ -976,7 +979,7 @@ def pool_stats():
     return {
         "max_bytes": _pool_limit,
         "arena_bytes": _pool_bytes,
-        "arenas": sum(len(c) for c in _pool_classes),
+        "arenas": sum(len(c) for c in classes),
         "blocks": blocks,
         "blocks_in_use": in_use,
         "bytes_in_use": bytes_in_use,
@@ -1000,14 +1003,13 @@ def pool_at_exit():
         _release_block(arena, gs_blockref_take(ref), False)
         ref = gs_blockrefs_first()
     _pool_limit = 0
-    if _pool_gen != gs_generation:
-        _pool_forget_parent()
+    cdef list classes = _own_classes()
     for klass in range(N_CLASSES):
-        for arena in _pool_classes[klass]:
+        for arena in classes[klass]:
             arena.owner_gen = 0
             if gs_arena_abandon(arena.hdr, arena.nblocks):
                 shm_unlink(arena.path)
-        _pool_classes[klass] = []
+        classes[klass] = []
     _pool_bytes = 0
 
 
@@ -1019,7 +1021,7 @@ def block_state(name, Py_ssize_t index, Py_ssize_t generation):
     cdef uint64_t word = gs_word(_block_of(arena, index, generation))
     if GS_GEN(word) != <uint32_t>generation:
         return None
-    return bool(word & 0x80000000), int(word & 0x7FFFFFFF)
+    return bool(word & GS_LINKED), int(word & GS_REFS)
 
 
 def wrap(type cls, Segment seg not None, tuple shape, cnp.dtype dtype not None,

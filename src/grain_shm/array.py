@@ -45,11 +45,10 @@ class SharedMemoryArrayMetadata:
 
     def close_and_unlink_shm(self) -> None:
         """Remove the segment's name; processes that map it keep their mappings."""
-        block = getattr(self, "block", None)  # Grain's metadata has none
-        if block is None:
+        if self.block is None:
             _shm.unlink(self.name)
         else:
-            _shm.unlink_block(self.name, *block)
+            _shm.unlink_block(self.name, *self.block)
 
 
 def _check_dtype(dtype: npt.DTypeLike) -> np.dtype:
@@ -307,6 +306,18 @@ def _map(
     return _shm.wrap(cls, segment, shape, dtype, offset, strides)
 
 
+def _rebuild(
+    name: str,
+    shape: SupportsIndex | Iterable[SupportsIndex],
+    dtype: npt.DTypeLike,
+    strides: Optional[Iterable[SupportsIndex]],
+    offset: SupportsIndex,
+    cls: type[SharedMemoryArray] = SharedMemoryArray,
+) -> SharedMemoryArray:
+    """Unpickle: map the sender's elements, without taking ownership."""
+    return _map(cls, name, shape, dtype, strides, offset)
+
+
 def _rebuild_block(
     name: str,
     shape: SupportsIndex | Iterable[SupportsIndex],
@@ -346,18 +357,6 @@ def _recycling_from_environment() -> None:
             f"grain_shm: GRAIN_SHM_RECYCLE={value!r} is neither 1 nor a byte count; "
             "recycling stays off"
         )
-
-
-def _rebuild(
-    name: str,
-    shape: SupportsIndex | Iterable[SupportsIndex],
-    dtype: npt.DTypeLike,
-    strides: Optional[Iterable[SupportsIndex]],
-    offset: SupportsIndex,
-    cls: type[SharedMemoryArray] = SharedMemoryArray,
-) -> SharedMemoryArray:
-    """Unpickle: map the sender's elements, without taking ownership."""
-    return _map(cls, name, shape, dtype, strides, offset)
 
 
 _recycling_from_environment()
