@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from grain_shm.array import SharedMemoryArray, SharedMemoryArrayMetadata
+from grain_shm.array import SharedMemoryArray, SharedMemoryArrayMetadata, _metadata_of
 
 
 def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
@@ -45,10 +45,9 @@ def _map_builtin(fn: Callable[[Any], Any], tree: Any) -> Any:
 
 def _copy_leaf(leaf: Any, min_size: int) -> Any:
     if isinstance(leaf, SharedMemoryArray):
-        try:
-            return leaf.metadata  # already shared: send the reference, copy nothing
-        except ValueError:
-            pass  # a private copy (e.g. .copy()): copied like any array
+        metadata = _metadata_of(leaf)  # None for a private copy: copied like any array
+        if metadata is not None:  # already shared: send the reference, copy nothing
+            return metadata
     if not isinstance(leaf, np.ndarray):
         return leaf
     # A plain ndarray is copied even when it views a SharedMemoryArray: the
