@@ -569,3 +569,44 @@ def test_the_reaper_is_not_a_child_of_the_tree(tmp_path):
     verdict, running, session_id = proc.stdout.strip().rsplit("\n", 2)
     assert verdict == "no children" and running == "True"
     assert wait_reapers_gone(session_id)
+
+
+def test_the_session_sockets_behave_as_pythons_own():
+    """join() relies on these: a refused connect starts a reaper, a silent
+    reaper times out, a closed one reads as end of file."""
+    import socket as socket_mod
+
+    from grain_shm import _shm
+
+    address = f"\0grain_shm.test.{os.getpid()}.{time.monotonic_ns()}"
+    fd = _shm.unix_socket()
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            _shm.unix_connect(fd, address)
+        assert not os.get_inheritable(fd)  # sh and the reaper must not inherit it
+    finally:
+        os.close(fd)
+    fd = _shm.unix_socket()
+    try:
+        with pytest.raises(OSError, match="File name too long"):
+            _shm.unix_bind(fd, "\0" + "x" * 200)
+    finally:
+        os.close(fd)
+    listener = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    listener.bind(address)
+    listener.listen(1)
+    fd = _shm.unix_socket()
+    try:
+        _shm.unix_connect(fd, address)
+        peer, _ = listener.accept()
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            _shm.recv_byte(fd, 0.05)
+        assert time.monotonic() - started >= 0.04
+        peer.send(reaper.WELCOME)
+        assert _shm.recv_byte(fd, 1.0) == reaper.WELCOME
+        peer.close()
+        assert _shm.recv_byte(fd, 1.0) == b""
+    finally:
+        os.close(fd)
+        listener.close()

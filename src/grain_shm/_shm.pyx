@@ -16,8 +16,9 @@ import os
 cimport cython
 cimport numpy as cnp
 from cpython.buffer cimport PyBuffer_FillInfo
+from cpython.exc cimport PyErr_CheckSignals
 from cpython.pyport cimport PY_SSIZE_T_MAX
-from libc.errno cimport EACCES, EEXIST, EFBIG, ENOENT, ENOMEM, ENOSPC, errno
+from libc.errno cimport EACCES, EEXIST, EFBIG, EINTR, ENOENT, ENOMEM, ENOSPC, errno
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
@@ -48,7 +49,8 @@ from grain_shm._posix cimport (GS_MAX_THREADS, GS_MIN_BLOCK_SHIFT, MAP_POPULATE,
                                gs_mul_overflow, gs_owner, gs_owner_add,
                                gs_owner_is_mine, gs_owner_take, gs_random_bytes,
                                gs_release, gs_release_init, gs_reserve,
-                               gs_unlink_owned)
+                               gs_unlink_owned, gs_unix_address, gs_unix_socket,
+                               gs_wait_readable, listen, recv)
 
 cnp.import_array()
 if gs_release_init() != 0:
@@ -1049,3 +1051,55 @@ def wrap(type cls, Segment seg not None, tuple shape, cnp.dtype dtype not None,
         start + offset, 0 if seg.readonly else cnp.NPY_ARRAY_WRITEABLE, None)
     cnp.set_array_base(arr, seg)
     return arr
+
+
+# ---- The session's sockets (session.py), as plain file descriptors ----
+# Python's _socket module would do, but its import costs ~0.7 ms, a third of
+# a process's first array.
+
+def unix_socket():
+    """A new AF_UNIX stream socket (close-on-exec): its file descriptor."""
+    return check_rc(gs_unix_socket(), None)
+
+
+def unix_bind(int fd, str address not None):
+    """Bind `fd` to `address` (abstract if it starts with NUL)."""
+    cdef bytes raw = address.encode()
+    check_rc(gs_unix_address(fd, raw, len(raw), False), None)
+
+
+def unix_connect(int fd, str address not None):
+    """Connect `fd` to the socket listening at `address`."""
+    cdef bytes raw = address.encode()
+    check_rc(gs_unix_address(fd, raw, len(raw), True), None)
+
+
+def unix_listen(int fd, int backlog):
+    check_rc(listen(fd, backlog), None)
+
+
+def recv_byte(int fd, double timeout):
+    """One byte from `fd`, b"" at end of file; TimeoutError if none comes
+    within `timeout` seconds."""
+    cdef char byte
+    cdef int rc
+    cdef Py_ssize_t got
+    cdef double deadline = _now() + timeout
+    while True:
+        with nogil:
+            rc = gs_wait_readable(fd, <int>(max(deadline - _now(), 0.0) * 1000 + 0.999))
+        if rc == 1:
+            break
+        if rc == 0:
+            raise TimeoutError("no answer from the session's reaper")
+        if errno != EINTR:
+            check_rc(rc, None)
+        PyErr_CheckSignals()  # a handler's exception goes up; else wait again
+    while True:
+        with nogil:
+            got = recv(fd, &byte, 1, 0)
+        if got >= 0:
+            return (&byte)[:got]
+        if errno != EINTR:
+            check_rc(-1, None)
+        PyErr_CheckSignals()

@@ -36,7 +36,6 @@ import errno
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any
 
 from grain_shm import _shm, names, reaper
 
@@ -100,7 +99,7 @@ def persistent() -> Iterator[None]:
 # inherits True, which is right: it inherits the connection too.
 joined = False
 _join_lock = _thread.allocate_lock()
-_member: Any = None  # this process's registration: held until it exits
+_member: int | None = None  # this process's registration (a socket): held until exit
 
 
 def join() -> None:
@@ -112,57 +111,57 @@ def join() -> None:
         joined = True
         if not sys.platform.startswith("linux") or not os.path.isdir(names.SHM_DIR):
             return  # segments cannot be listed here: nothing to sweep by name
-        # _socket, not socket: socket.py builds enums on import, which costs
-        # more than this whole first-array path.
-        import _socket
-
+        # Plain file descriptors from the extension: even _socket costs
+        # ~0.7 ms to import, a third of this whole first-array path.
         for _ in range(3):  # a reaper may be exiting just now: then start one
-            _member = member = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            _member = member = _shm.unix_socket()
             try:
-                member.bind(names.member_address(SESSION, os.getpid()))
+                _shm.unix_bind(member, names.member_address(SESSION, os.getpid()))
             except OSError:
                 pass  # our pid's name is held by a forked child of a former us
             try:
-                member.connect(names.reaper_address(SESSION))
+                _shm.unix_connect(member, names.reaper_address(SESSION))
             except (ConnectionRefusedError, FileNotFoundError):
-                if _start_reaper(member, _socket):
+                if _start_reaper(member):
                     return
+                os.close(member)
+                _member = None
                 continue
             except OSError:
                 return  # e.g. a full backlog: registered by name only
             if reaper.root_alive(SESSION):
                 return  # the reaper cannot be exiting while the root lives
-            member.settimeout(1.0)
             try:
-                if member.recv(1) == reaper.WELCOME:
+                if _shm.recv_byte(member, 1.0) == reaper.WELCOME:
                     return
             except TimeoutError:
                 return  # slow, not exiting: it welcomes us later
             except OSError:
                 pass
-            member.close()
+            os.close(member)
+            _member = None
 
 
 _launched = _thread.allocate_lock()  # held while a launch is under way
 
 
-def _start_reaper(member: Any, _socket: Any) -> bool:
+def _start_reaper(member: int) -> bool:
     """Bind the session's reaper socket, connect `member` to it, and start
     the reaper on it: False if another process bound it first. The
     connection waits in the socket's backlog until the reaper accepts it, so
     nothing here waits for the reaper, nor for sh to finish: sh is started
     here (once it runs, the reaper starts whatever happens to this process),
     and reaped on a short-lived thread."""
-    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    listener = _shm.unix_socket()
     try:
-        listener.bind(names.reaper_address(SESSION))
-        listener.listen(4096)
-        member.connect(names.reaper_address(SESSION))
+        _shm.unix_bind(listener, names.reaper_address(SESSION))
+        _shm.unix_listen(listener, 4096)
+        _shm.unix_connect(member, names.reaper_address(SESSION))
         # PID 1 (of a container, say) would be the orphaned reaper's parent,
         # and kills it when it dies.
         pid_1 = os.getpid() == 1 or reaper.root_of(SESSION)[0] == 1
         if sys.executable and os.path.exists("/bin/sh") and not pid_1:
-            sh, pid_pipe = _spawn(listener.fileno())
+            sh, pid_pipe = _spawn(listener)
             _launched.acquire()
             # The thread starts with every signal blocked: a Ctrl-C the
             # kernel gave it would not interrupt the main thread's wait.
@@ -183,7 +182,7 @@ def _start_reaper(member: Any, _socket: Any) -> bool:
             stacklevel=4,
         )
     finally:
-        listener.close()  # sh, then the reaper, hold their own copies
+        os.close(listener)  # sh, then the reaper, hold their own copies
     return True
 
 
