@@ -84,3 +84,16 @@ def test_import_leaves_heavy_modules_unimported():
     heavy = {"socket", "subprocess", "multiprocessing", "threading", "numpy.typing",
              "grain_shm.admin", "grain_shm.bench", "ctypes"}
     assert not new & heavy, sorted(new & heavy)
+
+
+def test_first_array_imports_no_socket_module():
+    """The first array joins the session (sockets, the reaper's launch) with
+    the extension's own calls: even `_socket` costs 0.7 ms to import, a
+    third of the first array's budget (first <= 2 ms more than the second)."""
+    probe = ("import numpy, sys, grain_shm; before = set(sys.modules); "
+             "a = grain_shm.SharedMemoryArray((4,)); a.unlink_on_del(); "
+             "print(' '.join(sorted(set(sys.modules) - before)))")
+    env = {k: v for k, v in os.environ.items() if k != "GRAIN_SHM_SESSION"}
+    new = set(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                             text=True, timeout=60, check=True).stdout.split())
+    assert not new & {"_socket", "socket", "subprocess", "threading"}, sorted(new)
