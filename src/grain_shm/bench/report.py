@@ -88,7 +88,7 @@ def index(doc: RunRecord) -> Tuple[TransferCells, MicroCells, CeilingRows]:
         if record["section"] == "transfer":
             transfer[record["transport"], record["sizes"][0]] = record
         elif record["section"] == "ceilings":
-            if record["status"] == "ok":
+            if record["status"] == "ok" and record["transport"] is None:  # one thread
                 ceilings = {row["size"]: row for row in record["result"]["sizes"]}
         else:
             micro[record["section"], record["transport"]] = record
