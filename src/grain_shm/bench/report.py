@@ -214,7 +214,7 @@ def ceilings_table(doc: RunRecord) -> Table:
         row = [format_size(size)]
         one = ceilings.get(size)
         if one is None:
-            row += [_status(_ceilings_record(doc, None))] + [""] * 4
+            row += [_not_measured(_ceilings_record(doc, None))] + [""] * 4
         else:
             row += [
                 _num(one["memcpy"]["gbps"]),
@@ -225,7 +225,7 @@ def ceilings_table(doc: RunRecord) -> Table:
             ]
         two = cross.get(size)
         if two is None:
-            row += [_status(_ceilings_record(doc, ceilings_section.CROSS_PROCESS)), "", ""]
+            row += [_not_measured(_ceilings_record(doc, ceilings_section.CROSS_PROCESS)), "", ""]
         else:
             handoff = two["handoff"]["gbps"]
             row += [
@@ -235,6 +235,12 @@ def ceilings_table(doc: RunRecord) -> Table:
             ]
         rows.append(row)
     return headers, rows
+
+
+def _not_measured(record: CellRecord | None) -> str:
+    """Why a ceilings cell has no row for a size: "" if it passed (it did not
+    measure that size: the cross-process cell takes only the transfer's)."""
+    return "" if record is not None and record["status"] == "ok" else _status(record)
 
 
 def _ceilings_record(doc: RunRecord, transport: str | None) -> CellRecord | None:
