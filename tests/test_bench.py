@@ -8,6 +8,7 @@ the JSON promises it, the checksums passed, and /dev/shm was left clean.
 import importlib.util
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -17,6 +18,8 @@ from conftest import run_python
 
 SECTIONS = ["ceilings", "transfer", "cfd", "release", "grain-pipeline", "pipeline"]
 HAVE_GRAIN = importlib.util.find_spec("grain") is not None
+# The handoff ring relies on x86's store order; elsewhere its cell is skipped.
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 TRANSPORTS = ["pickle", "stdlib", "grain_shm", "grain_shm-async", "grain_shm-recycle",
               "grain_shm-recycle-async"]
 POOLED = {"grain_shm-recycle", "grain_shm-recycle-async"}
@@ -62,7 +65,7 @@ def test_run_is_described(quick_run):
 def test_every_cell_ran_or_says_why_not(quick_run):
     doc, _ = quick_run
     cells = {(c["section"], c["transport"]): c for c in doc["cells"]}
-    expected = {("ceilings", None), ("grain-pipeline", "grain_shm"),
+    expected = {("ceilings", None), ("ceilings", "cross-process"), ("grain-pipeline", "grain_shm"),
                 ("grain-pipeline", "grain_shm-recycle")}
     expected |= {(s, t) for s in SECTIONS[1:4] for t in TRANSPORTS}
     expected |= {("pipeline", t) for t in PIPELINE}
@@ -70,6 +73,8 @@ def test_every_cell_ran_or_says_why_not(quick_run):
     for key, cell in cells.items():
         if key[0] == "grain-pipeline" and not HAVE_GRAIN:
             assert cell["status"] == "skipped" and "grain is not installed" in cell["reason"]
+        elif key == ("ceilings", "cross-process") and not X86:
+            assert cell["status"] == "skipped" and "TSO" in cell["reason"]
         else:
             assert cell["status"] == "ok", cell
 
@@ -95,6 +100,21 @@ def test_figures_are_where_the_json_promises(quick_run):
             assert result["timed_items"] >= 3
             assert result["elements_per_s"].keys() == result["gbps"].keys() == SUMMARY_KEYS
             assert result["startup_s"] > 0 and 0 <= result["consumer_waiting"] <= 1
+        elif cell["section"] == "ceilings" and cell["transport"] == "cross-process":
+            queue = result["queue"]
+            assert queue["depth"] == doc["config"]["transfer_queue_depth"]
+            assert queue["timed_messages"] >= 3
+            assert queue["messages_per_s"].keys() == SUMMARY_KEYS
+            assert queue["messages_per_s"]["median"] > 0
+            assert result["ring_blocks"] >= 2
+            (row,) = result["sizes"]
+            assert row["size"] == 65536
+            assert row["handoff"]["timed_blocks"] >= 3
+            assert row["handoff"]["gbps"].keys() == row["handoff"]["blocks_per_s"].keys()
+            assert row["handoff"]["gbps"].keys() == SUMMARY_KEYS
+            assert row["handoff"]["gbps"]["median"] > 0
+            assert row["queue_bound_gbps"] == pytest.approx(
+                queue["messages_per_s"]["median"] * 65536 / 1e9)
         elif cell["section"] == "ceilings":
             (row,) = result["sizes"]
             for figure in ("memcpy", "first_touch_fill", "fresh_read"):
@@ -122,10 +142,60 @@ def test_no_leak_and_tables_printed(quick_run):
     assert doc["leak_check"]["leaked"] == []
     assert "| size | transport | GB/s |" in proc.stdout
     assert "Leak check: /dev/shm holds nothing new." in proc.stdout
-    assert "[cell 24/24]" in proc.stderr
+    assert "[cell 25/25]" in proc.stderr
     assert "| 64 KiB | grain_shm-recycle |" in proc.stdout
     assert "pool MiB" in proc.stdout
     assert "| element | variant | elements/s |" in proc.stdout
+
+
+def markdown_table(stdout, *headers):
+    """The rows, as {header: cell}, of the markdown table whose headers start so."""
+    def cells(line):
+        return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+    lines = stdout.splitlines()
+    start = "| " + " | ".join(headers) + " |"
+    (at,) = [i for i, line in enumerate(lines) if line.startswith(start)]
+    rows = []
+    for line in lines[at + 2:]:  # past the |---| line
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(cells(lines[at]), cells(line))))
+    return rows
+
+
+@pytest.mark.skipif(not X86, reason="the handoff ceiling runs on x86 only")
+def test_ceilings_table_shows_the_cross_process_ceilings(quick_run):
+    doc, proc = quick_run
+    (cross,) = [c for c in doc["cells"] if c["transport"] == "cross-process"]
+    rate = cross["result"]["queue"]["messages_per_s"]["median"]
+    assert f"queue-bound = size × {rate:,.0f} messages/s" in proc.stdout
+    (cells,) = markdown_table(proc.stdout, "size", "memcpy GB/s")
+    assert cells["size"] == "64 KiB"
+    assert float(cells["handoff GB/s"]) > 0
+    assert float(cells["queue-bound GB/s"]) > 0
+    assert "-" in cells["handoff p10-p90"]
+
+
+@pytest.mark.skipif(not X86, reason="the handoff ceiling runs on x86 only")
+def test_pool_of_ceiling_is_of_the_handoff_or_the_queue(quick_run):
+    """The pooled transports' "of ceiling" is their share of the lower of
+    the cross-process bounds (never of memcpy in one thread); the fresh
+    segments' stays that of first-touch fill or fresh-mapping read."""
+    doc, proc = quick_run
+    (cross,) = [c for c in doc["cells"] if c["transport"] == "cross-process"]
+    (row,) = cross["result"]["sizes"]
+    bound = min(row["handoff"]["gbps"]["median"], row["queue_bound_gbps"])
+    (one,) = [c for c in doc["cells"] if c["section"] == "ceilings" and c["transport"] is None]
+    (single,) = one["result"]["sizes"]
+    fresh_bound = min(single["first_touch_fill"]["gbps"], single["fresh_read"]["gbps"])
+    table = {row["transport"]: row for row in markdown_table(proc.stdout, "size", "transport")}
+    assert "for -recycle: of the lower of handoff and queue-bound" in proc.stdout
+    for transport, want in [("grain_shm-recycle", bound), ("grain_shm-recycle-async", bound),
+                            ("grain_shm", fresh_bound)]:
+        (cell,) = [c for c in doc["cells"]
+                   if (c["section"], c["transport"]) == ("transfer", transport)]
+        assert table[transport]["of ceiling"] == f"{cell['result']['gbps']['median'] / want:.0%}"
 
 
 def test_fresh_transports_stay_fresh_under_GRAIN_SHM_RECYCLE(tmp_path):

@@ -104,9 +104,10 @@ def plan(args: argparse.Namespace) -> List[Cell]:
     cells = []
     for section in args.sections:
         budget, least = budgets[section]
-        if section == "ceilings":
+        if section == "ceilings":  # one thread over every size; two processes over the transfer's
             sizes = tuple(sorted(set(transfer_sizes) | set(micro_sizes)))
             cells.append(Cell(section, None, sizes, budget, least))
+            cells.append(Cell(section, ceilings.CROSS_PROCESS, transfer_sizes, budget, least))
         elif section == "grain-pipeline":  # its own transports: stock Grain, Grain on grain_shm
             cells += [Cell(section, t, (size,), budget, least)
                       for size in (args.sizes or GRAIN_PIPELINE_SIZES)

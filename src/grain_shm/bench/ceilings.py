@@ -11,27 +11,65 @@
 - fresh-mapping read: mapping a populated segment (MAP_POPULATE) and
   reading every byte with the consumer's checksum; it bounds the consumer.
 
+Those three run in one process (the cell whose transport is None). A second
+cell (transport CROSS_PROCESS) runs two fresh processes, a producer and a
+consumer, for what no transport between processes can beat:
+
+- queue: messages per second through the transfer section's own
+  `ctx.Queue(maxsize=transfer.QUEUE_DEPTH)`, producer put / consumer get, of
+  MESSAGE: a tuple the size of the reference a pooled transport sends, no
+  bytes. The queue is latency-bound (its rate grows with its depth), so
+  whatever a transport sends through it per array, rate x size bounds it.
+- handoff: a ring of RING_BLOCKS blocks in one shared mapping. The producer
+  fills block k % RING_BLOCKS with the payload (payload.fill) and publishes
+  k + 1 in a shared counter; the consumer spins until it sees it, reads
+  the block with the checksum (checked, as the transfer does) and publishes
+  its own counter; the producer spins while RING_BLOCKS blocks are unread.
+  No syscall, no queue: what moving the bytes from one core to another
+  costs, which bounds any shared-memory transport at large sizes.
+
+The JSON: the single-thread cell's result is {"sizes": [row]}, one row per
+size with "size" and, for "memcpy", "fault_fill", "populate_fill",
+"first_touch_fill" (the faster of the two, with its "method") and
+"fresh_read": {"us": summary, "cpu_us": float, "gbps": the median's GB/s}.
+The cross-process cell's result is
+
+    {"queue": {"depth", "message" (its repr), "messages", "timed_messages",
+               "messages_per_s": summary},
+     "ring_blocks": int,
+     "sizes": [{"size",
+                "handoff": {"blocks", "timed_blocks", "gbps": summary,
+                            "blocks_per_s": summary},
+                "queue_bound_gbps": queue messages/s median x size / 1e9}]}
+
+where a summary is stats.summary() of the timed segments' rates.
+
 The segments are plain files in /dev/shm opened with os.open and mapped with
-the mmap module, named with the benchmark's own prefix and always removed.
+the mmap module, named with the benchmark's own prefix and always removed
+(the handoff's ring as soon as both processes have mapped it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import mmap
 import os
+import platform
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from grain_shm import names
-from grain_shm.bench import payload
+from grain_shm.bench import payload, stats, transfer
 from grain_shm.bench.micro import Step, measure
-from grain_shm.bench.runner import Cell, Result, Section
-from grain_shm.bench.transports import NAME_PREFIX
+from grain_shm.bench.runner import Aborted, Cell, ProcessSpec, Result, Section
+from grain_shm.bench.transports import NAME_PREFIX, Unavailable
 
 if TYPE_CHECKING:
+    from multiprocessing.context import BaseContext
+    from multiprocessing.queues import Queue
     from multiprocessing.synchronize import Event
 
 _counter = itertools.count()
@@ -129,8 +167,216 @@ def run(cell: Cell, abort: Event) -> Result:
     return {"sizes": [_measure_size(nbytes, cell) for nbytes in cell.sizes]}
 
 
+# The cross-process ceilings: the queue, then the handoff of every size.
+
+CROSS_PROCESS = "cross-process"  # the transport column of their cell
+# What a pooled transport puts on the queue per array: name, shape, dtype,
+# strides, offset, index, generation (the size of grain_shm's pickled reference).
+MESSAGE = ("gs001r90kutajuk_TzvuhtQNDXPI", (4096,), "|u1", None, 0, 3, 17)
+RING_BLOCKS = transfer.QUEUE_DEPTH + 2  # as many arrays as the transfer has in flight
+MAX_BLOCKS = 1_000_000
+SPIN_CHECK = 1 << 12  # spins between looks at the abort event
+# The queue's rate jumps between two modes (as much as 2x apart on 2 cores) as
+# the scheduler places its three threads (put, the feeder, get): it gets this
+# many times the cell's budget, so that the median is the rate it keeps up.
+QUEUE_BUDGET_FACTOR = 5
+# The ring's first page holds the counters (uint64 words, each on its own
+# 128 bytes: no false sharing between the two writers); the blocks follow.
+HEADER = 4096
+PRODUCED, CONSUMED, TOTAL, ATTACHED = 0, 16, 32, 48  # word indexes in the header
+
+
+def _spin_until(words: np.ndarray, word: int, value: int, abort: Event) -> None:
+    """Spin until words[word] >= value (the other process's counter)."""
+    spins = 0
+    while words[word] < value:
+        spins += 1
+        if spins % SPIN_CHECK == 0 and abort.is_set():
+            raise Aborted
+
+
+def _views(mapping: mmap.mmap, nbytes: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The header's words and the ring's blocks, as numpy views of the mapping."""
+    words = np.frombuffer(mapping, np.uint64, HEADER // 8)
+    blocks = np.frombuffer(mapping, np.uint8, RING_BLOCKS * nbytes, HEADER)
+    return words, list(blocks.reshape(RING_BLOCKS, nbytes))
+
+
+def _produce_queue(cell: Cell, abort: Event, q: Queue[Any]) -> int:
+    count = 0
+    least = cell.min_count + transfer.WARMUP
+    budget = cell.budget * QUEUE_BUDGET_FACTOR
+    start = time.perf_counter()
+    while count < least or (
+        count < transfer.MAX_ARRAYS and time.perf_counter() - start < budget
+    ):
+        if count % transfer.ABORT_CHECK_EVERY == 0 and abort.is_set():
+            raise Aborted
+        transfer._put(q, MESSAGE, abort)
+        count += 1
+    transfer._put(q, None, abort)
+    return count
+
+
+def _produce_ring(nbytes: int, cell: Cell, abort: Event, q: Queue[Any]) -> int:
+    """Fill the ring's blocks for the cell's budget; tell the consumer where it is."""
+    pattern = payload.source(nbytes)
+    path = _new_path()
+    length = HEADER + RING_BLOCKS * nbytes
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:  # every page allocated and mapped before the clock starts
+            os.ftruncate(fd, length)
+            os.posix_fallocate(fd, 0, length)
+            mapping = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | _POPULATE)
+        finally:
+            os.close(fd)
+        words, blocks = _views(mapping, nbytes)
+        transfer._put(q, path, abort)
+        _spin_until(words, ATTACHED, 1, abort)  # mapped (and unlinked) by the consumer
+        count = 0
+        least = cell.min_count + RING_BLOCKS
+        start = time.perf_counter()
+        while count < least or (
+            count < MAX_BLOCKS and time.perf_counter() - start < cell.budget
+        ):
+            if count % transfer.ABORT_CHECK_EVERY == 0 and abort.is_set():
+                raise Aborted
+            # Block `count` is free once the consumer has read the one
+            # RING_BLOCKS before it.
+            if count >= RING_BLOCKS:
+                _spin_until(words, CONSUMED, count + 1 - RING_BLOCKS, abort)
+            payload.fill(blocks[count % RING_BLOCKS], pattern, count)
+            # x86 is TSO: stores are seen in program order, so a consumer that
+            # sees this counter sees the block written before it (and loads
+            # are not reordered either). Not so on weaker memory models, where
+            # this cell is skipped (see _check_ordering).
+            words[PRODUCED] = count + 1
+            count += 1
+        words[TOTAL] = count  # after the last PRODUCED: the end mark
+        _spin_until(words, CONSUMED, count, abort)
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # the consumer's, once mapped
+            os.unlink(path)
+    return count
+
+
+def _check_ordering() -> None:
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        raise Unavailable(
+            f"the handoff ring relies on x86's store order (TSO), not {platform.machine()}'s"
+        )
+
+
+def produce_cross(cell: Cell, abort: Event, q: Queue[Any], ready: Event, drained: Event) -> Result:
+    _check_ordering()
+    try:
+        transfer._wait(ready, abort)
+        messages = _produce_queue(cell, abort, q)
+        transfer._wait(drained, abort)  # the ring's set-up does not disturb the queue's end
+        blocks = [_produce_ring(nbytes, cell, abort, q) for nbytes in cell.sizes]
+    except BaseException:
+        q.cancel_join_thread()
+        raise
+    return {"messages": messages, "blocks": blocks}
+
+
+def _consume_ring(nbytes: int, abort: Event, q: Queue[Any]) -> Result:
+    """Read and check every block until the producer's end mark."""
+    pattern_sum = payload.checksum(payload.source(nbytes))
+    path = transfer._get(q, abort)
+    mapping = _map_populated(path, HEADER + RING_BLOCKS * nbytes)
+    os.unlink(path)  # both processes hold it mapped: nothing can leak now
+    words, blocks = _views(mapping, nbytes)
+    words[ATTACHED] = 1
+    finished: list[float] = []
+    index = 0
+    while True:
+        spins = 0
+        while words[PRODUCED] <= index:
+            if words[TOTAL]:  # written after the last PRODUCED, so that one is seen
+                break
+            spins += 1
+            if spins % SPIN_CHECK == 0 and abort.is_set():
+                raise Aborted
+        if words[PRODUCED] <= index:
+            break  # every block came
+        got = payload.checksum(blocks[index % RING_BLOCKS])
+        want = payload.expected(pattern_sum, index)
+        if got != want:
+            raise ValueError(
+                f"handoff block {index} of {nbytes} bytes: checksum {got:#x}, expected "
+                f"{want:#x}: the consumer saw the counter before the bytes"
+            )
+        finished.append(time.perf_counter())
+        index += 1
+        words[CONSUMED] = index  # the block may be overwritten from now on
+    rates, timed = stats.segment_rates(
+        finished, max(RING_BLOCKS, len(finished) // 10), transfer.SEGMENTS
+    )
+    return {"blocks": len(finished), "timed": timed, "rates": rates.tolist()}
+
+
+def consume_cross(cell: Cell, abort: Event, q: Queue[Any], ready: Event, drained: Event) -> Result:
+    _check_ordering()
+    finished: list[float] = []  # perf_counter() when each message was got
+    ready.set()
+    while transfer._get(q, abort) is not None:
+        finished.append(time.perf_counter())
+    drained.set()
+    rates, timed = stats.segment_rates(
+        finished, max(transfer.WARMUP, len(finished) // 10), transfer.SEGMENTS
+    )
+    return {
+        "messages": len(finished), "timed": timed, "rates": rates.tolist(),
+        "rings": [_consume_ring(nbytes, abort, q) for nbytes in cell.sizes],
+    }
+
+
+def _processes(cell: Cell, ctx: BaseContext) -> list[ProcessSpec]:
+    if cell.transport != CROSS_PROCESS:
+        return [("ceilings", run, ())]
+    q = ctx.Queue(maxsize=transfer.QUEUE_DEPTH)
+    ready, drained = ctx.Event(), ctx.Event()
+    return [
+        ("producer", produce_cross, (q, ready, drained)),
+        ("consumer", consume_cross, (q, ready, drained)),
+    ]
+
+
+def _summarize(cell: Cell, outputs: dict[str, Result]) -> Result:
+    if cell.transport != CROSS_PROCESS:
+        return outputs["ceilings"]
+    consumer = outputs["consumer"]
+    messages_per_s = stats.summary(consumer["rates"])
+    sizes = []
+    for nbytes, ring in zip(cell.sizes, consumer["rings"]):
+        rates = np.asarray(ring["rates"])
+        sizes.append({
+            "size": nbytes,
+            "handoff": {
+                "blocks": ring["blocks"],
+                "timed_blocks": ring["timed"],
+                "gbps": stats.summary(rates * nbytes / 1e9),
+                "blocks_per_s": stats.summary(rates),
+            },
+            "queue_bound_gbps": messages_per_s["median"] * nbytes / 1e9,
+        })
+    return {
+        "queue": {
+            "depth": transfer.QUEUE_DEPTH,
+            "message": repr(MESSAGE),
+            "messages": consumer["messages"],
+            "timed_messages": consumer["timed"],
+            "messages_per_s": messages_per_s,
+        },
+        "ring_blocks": RING_BLOCKS,
+        "sizes": sizes,
+    }
+
+
 SECTION = Section(
     name="ceilings",
-    processes=lambda cell, ctx: [("ceilings", run, ())],
-    summarize=lambda cell, outputs: outputs["ceilings"],
+    processes=_processes,
+    summarize=_summarize,
 )

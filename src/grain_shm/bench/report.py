@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple, TypedDict
 
+from grain_shm.bench import ceilings as ceilings_section
 from grain_shm.bench import machine, pipeline
 from grain_shm.bench.leaks import LeakCheck
 from grain_shm.bench.runner import CellRecord, Result, format_size
 
 GRAIN_SHM = ("grain_shm", "grain_shm-async")  # fresh segments: bound by first touch
-RECYCLE = ("grain_shm-recycle", "grain_shm-recycle-async")  # the pool: bound by memcpy
+# The pool: pages already in place, bound by the cross-process handoff and the queue.
+RECYCLE = ("grain_shm-recycle", "grain_shm-recycle-async")
 
 
 class RunConfig(TypedDict):
@@ -51,7 +53,7 @@ class RunRecord(_RunStart, total=False):
 # The cells of a run by what looks them up (see index()).
 TransferCells = Dict[Tuple[Optional[str], int], CellRecord]  # (transport, size)
 MicroCells = Dict[Tuple[str, Optional[str]], CellRecord]  # (section, transport)
-CeilingRows = Dict[int, Result]  # size: the ceilings cell's row
+CeilingRows = Dict[int, Result]  # size: the single-thread ceilings cell's row
 # A table: its headers and its rows of cells.
 Table = Tuple[List[str], List[List[str]]]
 
@@ -88,7 +90,7 @@ def index(doc: RunRecord) -> Tuple[TransferCells, MicroCells, CeilingRows]:
         if record["section"] == "transfer":
             transfer[record["transport"], record["sizes"][0]] = record
         elif record["section"] == "ceilings":
-            if record["status"] == "ok":
+            if record["status"] == "ok" and record["transport"] is None:
                 ceilings = {row["size"]: row for row in record["result"]["sizes"]}
         else:
             micro[record["section"], record["transport"]] = record
@@ -112,8 +114,29 @@ def transfer_bound(ceilings: CeilingRows, size: int) -> Optional[float]:
     return bound
 
 
+def cross_process(doc: RunRecord) -> tuple[Result | None, CeilingRows]:
+    """The cross-process ceilings cell's result (None unless it ran and passed),
+    and its rows (handoff and queue bound) by size."""
+    record = _ceilings_record(doc, ceilings_section.CROSS_PROCESS)
+    if record is None or record["status"] != "ok":
+        return None, {}
+    result = record["result"]
+    return result, {row["size"]: row for row in result["sizes"]}
+
+
+def recycle_bound(cross: CeilingRows, size: int) -> float | None:
+    """The pool's pipeline can go no faster than handing the bytes from one
+    core to the other, nor than the queue passes its messages."""
+    row = cross.get(size)
+    if row is None:
+        return None
+    bound: float = min(row["handoff"]["gbps"]["median"], row["queue_bound_gbps"])
+    return bound
+
+
 def transfer_table(doc: RunRecord) -> Table:
     transfer, _, ceilings = index(doc)
+    _, cross = cross_process(doc)
     headers = ["size", "transport", "GB/s", "p10-p90", "arrays/s", "producer CPU µs",
                "consumer CPU µs", "× pickle", "× stdlib", "of ceiling", "pool MiB"]
     rows = []
@@ -128,8 +151,7 @@ def transfer_table(doc: RunRecord) -> Table:
             pickle = _transfer_gbps(transfer, "pickle", size)
             stdlib = _transfer_gbps(transfer, "stdlib", size)
             bound = transfer_bound(ceilings, size) if transport in GRAIN_SHM else (
-                ceilings[size]["memcpy"]["gbps"] if transport in RECYCLE and size in ceilings
-                else None)
+                recycle_bound(cross, size) if transport in RECYCLE else None)
             pool = result.get("pool_arena_bytes")
             rows.append([
                 format_size(size),
@@ -183,30 +205,75 @@ def micro_table(doc: RunRecord, section: str) -> Table:
 
 def ceilings_table(doc: RunRecord) -> Table:
     _, _, ceilings = index(doc)
+    _, cross = cross_process(doc)
     headers = ["size", "memcpy GB/s", "first-touch fill GB/s", "fresh-mapping read GB/s",
-               "first-touch fill µs", "fill by"]
-    rows = [
-        [
-            format_size(size),
-            _num(row["memcpy"]["gbps"]),
-            _num(row["first_touch_fill"]["gbps"]),
-            _num(row["fresh_read"]["gbps"]),
-            _num(row["first_touch_fill"]["us"]["median"]),
-            row["first_touch_fill"]["method"].replace("_fill", ""),
-        ]
-        for size, row in sorted(ceilings.items())
-    ]
+               "first-touch fill µs", "fill by", "handoff GB/s", "handoff p10-p90",
+               "queue-bound GB/s"]
+    rows = []
+    for size in sorted(ceilings.keys() | cross.keys()):
+        row = [format_size(size)]
+        one = ceilings.get(size)
+        if one is None:
+            row += [_not_measured(_ceilings_record(doc, None))] + [""] * 4
+        else:
+            row += [
+                _num(one["memcpy"]["gbps"]),
+                _num(one["first_touch_fill"]["gbps"]),
+                _num(one["fresh_read"]["gbps"]),
+                _num(one["first_touch_fill"]["us"]["median"]),
+                one["first_touch_fill"]["method"].replace("_fill", ""),
+            ]
+        two = cross.get(size)
+        if two is None:
+            row += [_not_measured(_ceilings_record(doc, ceilings_section.CROSS_PROCESS)), "", ""]
+        else:
+            handoff = two["handoff"]["gbps"]
+            row += [
+                _num(handoff["median"]),
+                f"{_num(handoff['p10'])}-{_num(handoff['p90'])}",
+                _num(two["queue_bound_gbps"]),
+            ]
+        rows.append(row)
     return headers, rows
 
 
+def _not_measured(record: CellRecord | None) -> str:
+    """Why a ceilings cell has no row for a size: "" if it passed (it did not
+    measure that size: the cross-process cell takes only the transfer's)."""
+    return "" if record is not None and record["status"] == "ok" else _status(record)
+
+
+def _ceilings_record(doc: RunRecord, transport: str | None) -> CellRecord | None:
+    for record in doc["cells"]:
+        if (record["section"], record["transport"]) == ("ceilings", transport):
+            return record
+    return None
+
+
+def _ceilings_title(doc: RunRecord) -> str:
+    queue = "the queue's rate"
+    cross, _ = cross_process(doc)
+    if cross is not None:
+        rate = cross["queue"]["messages_per_s"]
+        queue = (f"{rate['median']:,.0f} messages/s (p10-p90 {rate['p10']:,.0f}-"
+                 f"{rate['p90']:,.0f})")
+    return (
+        "Ceilings of this machine (medians). memcpy, first-touch fill, fresh-mapping "
+        "read: one thread, no transport. handoff: two processes pass the blocks of a "
+        f"{ceilings_section.RING_BLOCKS}-block ring in shared memory (fill, then read and "
+        "check every byte), synchronised by spinning on shared counters: no syscall, no "
+        f"queue. queue-bound = size × {queue}, the rate of a reference-sized tuple "
+        f"through the Queue ({doc['config']['transfer_queue_depth']} deep) alone"
+    )
+
+
 _TITLES = {
-    "ceilings": "Ceilings of this machine (one thread, no transport; medians)",
     "transfer": (
         "Transfer: producer process -> multiprocessing.Queue ({depth} deep) -> consumer "
         "process, which reads and checks every byte. Medians of timed segments; "
         "× = GB/s ratio; of ceiling = share of the slower of first-touch fill and "
-        "fresh-mapping read (for -recycle: of memcpy); pool MiB = the producer's "
-        "arenas at the end"
+        "fresh-mapping read (for -recycle: of the lower of handoff and queue-bound, "
+        "see the ceilings); pool MiB = the producer's arenas at the end"
     ),
     "cfd": (
         "create+fill+destroy in one process, µs per array (median). pickle = a "
@@ -233,6 +300,8 @@ def _tables(doc: RunRecord) -> List[Tuple[str, List[str], List[List[str]]]]:
             headers, rows = transfer_table(doc)
         elif section == "ceilings":
             headers, rows = ceilings_table(doc)
+            built.append((_ceilings_title(doc), headers, rows))
+            continue
         elif section == "grain-pipeline":
             from grain_shm.bench import grain_pipeline
 
