@@ -108,6 +108,32 @@ def test_ufunc_results_and_reductions_are_plain_ndarrays():
     assert type(arr[arr > 2]) is np.ndarray
     result = np.add(arr, 1, out=arr)  # in place: still the shared array
     assert result is arr and list(arr) == [2, 3, 4, 5]
+    other = owned((4,), np.int64)
+    assert np.add(arr, 1, out=other) is other and list(other) == [3, 4, 5, 6]
+    assert type(np.add(arr, 1, out=np.empty(4, np.int64))) is np.ndarray
+
+
+def test_results_of_zero_dimensional_arrays_are_scalars_as_numpys():
+    arr = owned((), np.float64)
+    arr[()] = 2.5
+    plain = np.array(2.5)
+    for op in (lambda a: a * 2, np.negative, abs, lambda a: a + a, np.sum, lambda a: a.sum()):
+        result, expected = op(arr), op(plain)
+        assert type(result) is type(expected) and result == expected
+    assert np.add(arr, 1, out=arr) is arr and arr == 3.5
+
+
+class _Labelled(SharedMemoryArray):
+    """A user's subclass: numpy's default wrapping, results of its own type."""
+
+
+def test_a_subclass_keeps_numpys_default_for_results():
+    arr = _Labelled((4,), np.int64)
+    arr.unlink_on_del()
+    arr[:] = [1, 2, 3, 4]
+    assert type(arr + 1) is _Labelled and list(arr + 1) == [2, 3, 4, 5]
+    assert type(arr.reshape(2, 2).sum(axis=0)) is _Labelled
+    assert arr.sum() == 10 and np.add(arr, 1, out=arr) is arr
 
 
 def test_basic_views_stay_shared_and_know_their_place():

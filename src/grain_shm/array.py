@@ -23,9 +23,6 @@ if TYPE_CHECKING:  # annotations only: numpy.typing costs ~1 ms to import
 from grain_shm import _shm, names, session
 
 
-_NUMPY_1 = np.lib.NumpyVersion(np.__version__) < "2.0.0"
-
-
 @dataclasses.dataclass(slots=True, frozen=True)
 class SharedMemoryArrayMetadata:
     """What a process needs to map an array another process put in shared memory.
@@ -228,23 +225,9 @@ class SharedMemoryArray(np.ndarray):
             return _rebuild_block, args + block + subclass
         return _rebuild, args + subclass
 
-    def __array_wrap__(
-        self,
-        arr: np.ndarray[Any, Any],
-        context: Optional[Tuple[np.ufunc, Tuple[Any, ...], int]] = None,
-        return_scalar: bool = False,
-    ) -> Any:
-        # As numpy.memmap: results of ufuncs and reductions are not shared memory.
-        if _NUMPY_1:  # no return_scalar: a 0-d result stands for a scalar
-            arr = super().__array_wrap__(arr, context)
-            return_scalar = arr.shape == ()
-        else:
-            arr = super().__array_wrap__(arr, context, return_scalar)
-        if self is arr or type(self) is not SharedMemoryArray:
-            return arr
-        if return_scalar:
-            return arr[()]
-        return arr.view(np.ndarray)
+    # As numpy.memmap: results of ufuncs and reductions are not shared memory
+    # (plain ndarrays); in C, since every ufunc call runs it.
+    __array_wrap__ = _shm.array_wrap
 
     def __getitem__(self, index: Any) -> Any:
         # As numpy.memmap: fancy indexing copies, and a copy is a plain ndarray.
@@ -252,6 +235,9 @@ class SharedMemoryArray(np.ndarray):
         if type(result) is SharedMemoryArray and _shm.segment_of(result) is None:
             return result.view(np.ndarray)
         return result
+
+
+_shm.register_array_type(SharedMemoryArray)
 
 
 def _dtype_token(dtype: np.dtype) -> str | np.dtype:
