@@ -59,6 +59,12 @@ static inline int gs_mul_overflow(Py_ssize_t a, Py_ssize_t b, Py_ssize_t *out) {
     return __builtin_mul_overflow(a, b, out);
 }
 
+/* obj[index] as the type `base` does it (its mapping slot, which ndarray
+ * has): a subclass's __getitem__ calling its base's without a method call. */
+static inline PyObject *gs_subscript(PyTypeObject *base, PyObject *obj, PyObject *index) {
+    return base->tp_as_mapping->mp_subscript(obj, index);
+}
+
 /* Fill buf with n unpredictable bytes.  Returns 0 or an errno value. */
 static inline int gs_random_bytes(unsigned char *buf, size_t n) {
 #if defined(__linux__)

@@ -16,6 +16,7 @@ cdef extern from "_compat.h" nogil:
     int gs_random_bytes(unsigned char *buf, size_t n)
     bint gs_is_segment(mode_t mode)
     bint gs_mul_overflow(Py_ssize_t a, Py_ssize_t b, Py_ssize_t *out)
+    object gs_subscript(type base, object obj, object index)  # base's own obj[index]
     # The session's AF_UNIX sockets (and what <sys/socket.h> gives for them).
     int gs_unix_socket()
     int gs_unix_address(int fd, const char *path, size_t len, bint connect_)

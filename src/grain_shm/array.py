@@ -229,12 +229,8 @@ class SharedMemoryArray(np.ndarray):
     # (plain ndarrays); in C, since every ufunc call runs it.
     __array_wrap__ = _shm.array_wrap
 
-    def __getitem__(self, index: Any) -> Any:
-        # As numpy.memmap: fancy indexing copies, and a copy is a plain ndarray.
-        result = super().__getitem__(index)
-        if type(result) is SharedMemoryArray and _shm.segment_of(result) is None:
-            return result.view(np.ndarray)
-        return result
+    # As numpy.memmap: fancy indexing copies, and a copy is a plain ndarray.
+    __getitem__ = _shm.array_getitem
 
 
 _shm.register_array_type(SharedMemoryArray)
