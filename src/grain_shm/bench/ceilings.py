@@ -20,13 +20,15 @@ consumer, for what no transport between processes can beat:
   MESSAGE: a tuple the size of the reference a pooled transport sends, no
   bytes. The queue is latency-bound (its rate grows with its depth), so
   whatever a transport sends through it per array, rate x size bounds it.
-- handoff: a ring of RING_BLOCKS blocks in one shared mapping. The producer
-  fills block k % RING_BLOCKS with the payload (payload.fill) and publishes
-  k + 1 in a shared counter; the consumer spins until it sees it, reads
-  the block with the checksum (checked, as the transfer does) and publishes
-  its own counter; the producer spins while RING_BLOCKS blocks are unread.
-  No syscall, no queue: what moving the bytes from one core to another
-  costs, which bounds any shared-memory transport at large sizes.
+- handoff: a ring of n blocks in one shared mapping. The producer fills
+  block k % n with the payload (payload.fill) and publishes k + 1 in a
+  shared counter; the consumer spins until it sees it, reads the block with
+  the checksum (checked, as the transfer does) and publishes its own
+  counter; the producer spins while n blocks are unread. No syscall, no
+  queue: what moving the bytes from one core to another costs, which bounds
+  any shared-memory transport at large sizes. Which n is fastest depends on
+  the size (on this 2-core VM: 2 blocks at 16 MiB, 4 at 1 MiB), so each
+  size is timed with every ring of RING_SIZES and the best is its ceiling.
 
 The JSON: the single-thread cell's result is {"sizes": [row]}, one row per
 size with "size" and, for "memcpy", "fault_fill", "populate_fill",
@@ -36,10 +38,11 @@ The cross-process cell's result is
 
     {"queue": {"depth", "message" (its repr), "messages", "timed_messages",
                "messages_per_s": summary},
-     "ring_blocks": int,
+     "ring_sizes": [n, ...],
      "sizes": [{"size",
-                "handoff": {"blocks", "timed_blocks", "gbps": summary,
-                            "blocks_per_s": summary},
+                "handoff": {"ring_blocks" (the best ring's n), "blocks",
+                            "timed_blocks", "gbps": summary, "blocks_per_s":
+                            summary, "gbps_by_ring": {"n": median}},
                 "queue_bound_gbps": queue messages/s median x size / 1e9}]}
 
 where a summary is stats.summary() of the timed segments' rates.
@@ -173,7 +176,9 @@ CROSS_PROCESS = "cross-process"  # the transport column of their cell
 # What a pooled transport puts on the queue per array: name, shape, dtype,
 # strides, offset, index, generation (the size of grain_shm's pickled reference).
 MESSAGE = ("gs001r90kutajuk_TzvuhtQNDXPI", (4096,), "|u1", None, 0, 3, 17)
-RING_BLOCKS = transfer.QUEUE_DEPTH + 2  # as many arrays as the transfer has in flight
+# Rings of 2 blocks (double buffering), 4, and as many as the transfer has
+# arrays in flight.
+RING_SIZES = (2, 4, transfer.QUEUE_DEPTH + 2)
 MAX_BLOCKS = 1_000_000
 SPIN_CHECK = 1 << 12  # spins between looks at the abort event
 # The queue's rate jumps between two modes (as much as 2x apart on 2 cores) as
@@ -195,11 +200,13 @@ def _spin_until(words: np.ndarray, word: int, value: int, abort: Event) -> None:
             raise Aborted
 
 
-def _views(mapping: mmap.mmap, nbytes: int) -> tuple[np.ndarray, list[np.ndarray]]:
+def _views(
+    mapping: mmap.mmap, nbytes: int, ring: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """The header's words and the ring's blocks, as numpy views of the mapping."""
     words = np.frombuffer(mapping, np.uint64, HEADER // 8)
-    blocks = np.frombuffer(mapping, np.uint8, RING_BLOCKS * nbytes, HEADER)
-    return words, list(blocks.reshape(RING_BLOCKS, nbytes))
+    blocks = np.frombuffer(mapping, np.uint8, ring * nbytes, HEADER)
+    return words, list(blocks.reshape(ring, nbytes))
 
 
 def _produce_queue(cell: Cell, abort: Event, q: Queue[Any]) -> int:
@@ -218,11 +225,11 @@ def _produce_queue(cell: Cell, abort: Event, q: Queue[Any]) -> int:
     return count
 
 
-def _produce_ring(nbytes: int, cell: Cell, abort: Event, q: Queue[Any]) -> int:
+def _produce_ring(nbytes: int, ring: int, cell: Cell, abort: Event, q: Queue[Any]) -> int:
     """Fill the ring's blocks for the cell's budget; tell the consumer where it is."""
     pattern = payload.source(nbytes)
     path = _new_path()
-    length = HEADER + RING_BLOCKS * nbytes
+    length = HEADER + ring * nbytes
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:  # every page allocated and mapped before the clock starts
@@ -231,11 +238,11 @@ def _produce_ring(nbytes: int, cell: Cell, abort: Event, q: Queue[Any]) -> int:
             mapping = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | _POPULATE)
         finally:
             os.close(fd)
-        words, blocks = _views(mapping, nbytes)
+        words, blocks = _views(mapping, nbytes, ring)
         transfer._put(q, path, abort)
         _spin_until(words, ATTACHED, 1, abort)  # mapped (and unlinked) by the consumer
         count = 0
-        least = cell.min_count + RING_BLOCKS
+        least = cell.min_count + ring
         start = time.perf_counter()
         while count < least or (
             count < MAX_BLOCKS and time.perf_counter() - start < cell.budget
@@ -243,10 +250,10 @@ def _produce_ring(nbytes: int, cell: Cell, abort: Event, q: Queue[Any]) -> int:
             if count % transfer.ABORT_CHECK_EVERY == 0 and abort.is_set():
                 raise Aborted
             # Block `count` is free once the consumer has read the one
-            # RING_BLOCKS before it.
-            if count >= RING_BLOCKS:
-                _spin_until(words, CONSUMED, count + 1 - RING_BLOCKS, abort)
-            payload.fill(blocks[count % RING_BLOCKS], pattern, count)
+            # `ring` before it.
+            if count >= ring:
+                _spin_until(words, CONSUMED, count + 1 - ring, abort)
+            payload.fill(blocks[count % ring], pattern, count)
             # x86 is TSO: stores are seen in program order, so a consumer that
             # sees this counter sees the block written before it (and loads
             # are not reordered either). Not so on weaker memory models, where
@@ -274,20 +281,21 @@ def produce_cross(cell: Cell, abort: Event, q: Queue[Any], ready: Event, drained
         transfer._wait(ready, abort)
         messages = _produce_queue(cell, abort, q)
         transfer._wait(drained, abort)  # the ring's set-up does not disturb the queue's end
-        blocks = [_produce_ring(nbytes, cell, abort, q) for nbytes in cell.sizes]
+        blocks = [[_produce_ring(nbytes, ring, cell, abort, q) for ring in RING_SIZES]
+                  for nbytes in cell.sizes]
     except BaseException:
         q.cancel_join_thread()
         raise
     return {"messages": messages, "blocks": blocks}
 
 
-def _consume_ring(nbytes: int, abort: Event, q: Queue[Any]) -> Result:
+def _consume_ring(nbytes: int, ring: int, abort: Event, q: Queue[Any]) -> Result:
     """Read and check every block until the producer's end mark."""
     pattern_sum = payload.checksum(payload.source(nbytes))
     path = transfer._get(q, abort)
-    mapping = _map_populated(path, HEADER + RING_BLOCKS * nbytes)
+    mapping = _map_populated(path, HEADER + ring * nbytes)
     os.unlink(path)  # both processes hold it mapped: nothing can leak now
-    words, blocks = _views(mapping, nbytes)
+    words, blocks = _views(mapping, nbytes, ring)
     words[ATTACHED] = 1
     finished: list[float] = []
     index = 0
@@ -301,7 +309,7 @@ def _consume_ring(nbytes: int, abort: Event, q: Queue[Any]) -> Result:
                 raise Aborted
         if words[PRODUCED] <= index:
             break  # every block came
-        got = payload.checksum(blocks[index % RING_BLOCKS])
+        got = payload.checksum(blocks[index % ring])
         want = payload.expected(pattern_sum, index)
         if got != want:
             raise ValueError(
@@ -312,7 +320,7 @@ def _consume_ring(nbytes: int, abort: Event, q: Queue[Any]) -> Result:
         index += 1
         words[CONSUMED] = index  # the block may be overwritten from now on
     rates, timed = stats.segment_rates(
-        finished, max(RING_BLOCKS, len(finished) // 10), transfer.SEGMENTS
+        finished, max(ring, len(finished) // 10), transfer.SEGMENTS
     )
     return {"blocks": len(finished), "timed": timed, "rates": rates.tolist()}
 
@@ -329,7 +337,8 @@ def consume_cross(cell: Cell, abort: Event, q: Queue[Any], ready: Event, drained
     )
     return {
         "messages": len(finished), "timed": timed, "rates": rates.tolist(),
-        "rings": [_consume_ring(nbytes, abort, q) for nbytes in cell.sizes],
+        "rings": [[_consume_ring(nbytes, ring, abort, q) for ring in RING_SIZES]
+                  for nbytes in cell.sizes],
     }
 
 
@@ -350,15 +359,18 @@ def _summarize(cell: Cell, outputs: dict[str, Result]) -> Result:
     consumer = outputs["consumer"]
     messages_per_s = stats.summary(consumer["rates"])
     sizes = []
-    for nbytes, ring in zip(cell.sizes, consumer["rings"]):
-        rates = np.asarray(ring["rates"])
+    for nbytes, rings in zip(cell.sizes, consumer["rings"]):
+        gbps = [stats.summary(np.asarray(r["rates"]) * nbytes / 1e9) for r in rings]
+        best = max(range(len(rings)), key=lambda i: gbps[i]["median"])
         sizes.append({
             "size": nbytes,
             "handoff": {
-                "blocks": ring["blocks"],
-                "timed_blocks": ring["timed"],
-                "gbps": stats.summary(rates * nbytes / 1e9),
-                "blocks_per_s": stats.summary(rates),
+                "ring_blocks": RING_SIZES[best],
+                "blocks": rings[best]["blocks"],
+                "timed_blocks": rings[best]["timed"],
+                "gbps": gbps[best],
+                "blocks_per_s": stats.summary(rings[best]["rates"]),
+                "gbps_by_ring": {str(n): g["median"] for n, g in zip(RING_SIZES, gbps)},
             },
             "queue_bound_gbps": messages_per_s["median"] * nbytes / 1e9,
         })
@@ -370,7 +382,7 @@ def _summarize(cell: Cell, outputs: dict[str, Result]) -> Result:
             "timed_messages": consumer["timed"],
             "messages_per_s": messages_per_s,
         },
-        "ring_blocks": RING_BLOCKS,
+        "ring_sizes": list(RING_SIZES),
         "sizes": sizes,
     }
 

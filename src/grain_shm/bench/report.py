@@ -257,11 +257,13 @@ def _ceilings_title(doc: RunRecord) -> str:
         rate = cross["queue"]["messages_per_s"]
         queue = (f"{rate['median']:,.0f} messages/s (p10-p90 {rate['p10']:,.0f}-"
                  f"{rate['p90']:,.0f})")
+    sizes = ceilings_section.RING_SIZES
+    rings = ", ".join(map(str, sizes[:-1])) + f" and {sizes[-1]}"
     return (
         "Ceilings of this machine (medians). memcpy, first-touch fill, fresh-mapping "
         "read: one thread, no transport. handoff: two processes pass the blocks of a "
-        f"{ceilings_section.RING_BLOCKS}-block ring in shared memory (fill, then read and "
-        "check every byte), synchronised by spinning on shared counters: no syscall, no "
+        f"ring in shared memory (fill, then read and check every byte; the best of rings of "
+        f"{rings} blocks), synchronised by spinning on shared counters: no syscall, no "
         f"queue. queue-bound = size × {queue}, the rate of a reference-sized tuple "
         f"through the Queue ({doc['config']['transfer_queue_depth']} deep) alone"
     )
