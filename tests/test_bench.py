@@ -308,3 +308,54 @@ def test_leak_check_blames_the_run_only_for_what_no_one_else_holds(tmp_path):
         for path in (held, dropped, foreign):
             if os.path.exists(path):  # another user's `gc` may take the foreign one
                 os.unlink(path)
+
+
+def _unshare_works():
+    import shutil
+
+    if not shutil.which("unshare") or sys.platform != "linux":
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs `unshare --mount` and tmpfs mounts (root)")
+def test_a_container_sized_dev_shm_leaves_out_the_sizes_without_room(tmp_path):
+    """Docker's default /dev/shm is 64 MiB: the README's main job must still run
+    there, leaving out (and saying so) the sizes whose arrays in flight do not
+    fit, instead of dying of SIGBUS and ENOSPC half-way with segments left."""
+    path = tmp_path / "bench.json"
+    script = ('mount -t tmpfs -o size=64m tmpfs /dev/shm && exec "$0" -m grain_shm bench '
+              f'--quick --sections ceilings,transfer --transports pickle,grain_shm,'
+              f'grain_shm-recycle --sizes 64K,16M --json {path} && ls -A /dev/shm')
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                           sys.executable], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "left out 16 MiB: /dev/shm has 64 MiB free" in proc.stderr
+    assert "Left out 16 MiB" in proc.stdout
+    assert proc.stdout.rstrip().endswith("holds nothing new.")  # and `ls -A` printed nothing
+    doc = json.loads(path.read_text())
+    assert doc["ok"] and doc["config"]["left_out_sizes"] == [16 << 20]
+    assert doc["config"]["shm_free_bytes"] == 64 << 20
+    cells = doc["cells"]
+    assert all(c["status"] == "ok" and c["sizes"] == [65536] for c in cells
+               if c["section"] == "transfer")
+    assert {c["transport"] for c in cells if c["section"] == "transfer"} == {
+        "pickle", "grain_shm", "grain_shm-recycle"}
+
+
+def test_a_cell_whose_set_up_fails_is_an_error_not_the_end_of_the_run():
+    """Queues and events are semaphores in /dev/shm: when it is full, creating
+    them fails; that cell is reported failed and the other cells still run."""
+    import errno
+
+    from grain_shm.bench import runner
+
+    def no_room(cell, ctx):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    section = runner.Section(name="full", processes=no_room, summarize=lambda c, o: {})
+    record = runner.run_cell(runner.Cell("full", None, (64,), 0.0, 1), section)
+    assert record["status"] == "error" and "No space left on device" in record["error"]
+    assert record["elapsed_s"] >= 0

@@ -14,8 +14,9 @@ import json
 import os
 import re
 import sys
-from typing import Callable, List, Optional, Sequence, cast
+from typing import Callable, List, Optional, Sequence, Tuple, cast
 
+from grain_shm import names
 from grain_shm.bench import (
     ceilings, grain_pipeline, leaks, machine, micro, pipeline, plot, report, runner, transfer,
 )
@@ -48,6 +49,50 @@ BUDGETS = {
     "quick": {"transfer": (0.05, 3), "cfd": (0.005, 3), "release": (0.005, 3), "ceilings": (0.005, 3),
               "grain-pipeline": (0.0, 8), "pipeline": (0.05, 3)},
 }
+
+# A size runs only where /dev/shm has room for ROOM_FACTOR arrays of it (the
+# transfer's in flight: the queue's, the one being filled, the one being
+# read, with the pool's rounding; the handoff's ring): in a container's
+# 64 MiB /dev/shm the large sizes are left out, with a note, instead of
+# dying of SIGBUS or ENOSPC half-way.
+ROOM_FACTOR = 8
+
+
+def shm_room() -> Optional[int]:
+    """Bytes free in /dev/shm now, or None where it cannot be told."""
+    try:
+        st = os.statvfs(names.SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _array_bytes(section: str, size: int) -> int:
+    """The bytes of one shared array of a cell of `size`: the pipeline sends
+    its small elements in batches."""
+    if section == "pipeline":
+        return size * (pipeline.batch_size(size) or 1)
+    return size
+
+
+def _fitting(
+    section: str, sizes: Sequence[int], room: Optional[int], left_out: List[int]
+) -> Tuple[int, ...]:
+    """The sizes that fit; the others are added to `left_out`."""
+    kept = []
+    for size in sizes:
+        if room is None or ROOM_FACTOR * _array_bytes(section, size) <= room:
+            kept.append(size)
+        elif size not in left_out:
+            left_out.append(size)
+    return tuple(kept)
+
+
+def left_out_note(left_out: Sequence[int], room: Optional[int]) -> str:
+    sizes = ", ".join(runner.format_size(n) for n in left_out)
+    return (f"left out {sizes}: /dev/shm has {(room or 0) / MiB:.0f} MiB free, and a size needs "
+            f"{ROOM_FACTOR}x its bytes there (the arrays in flight)")
+
 
 _UNITS = {"": 1, "B": 1, "K": KiB, "KB": KiB, "KIB": KiB, "M": MiB, "MB": MiB, "MIB": MiB,
           "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
@@ -97,29 +142,39 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan(args: argparse.Namespace) -> List[Cell]:
+def plan(
+    args: argparse.Namespace, room: Optional[int] = None, left_out: Optional[List[int]] = None
+) -> List[Cell]:
+    """The run's cells; sizes without room in /dev/shm (`room` bytes free, None:
+    no limit) are left out, and listed in `left_out`."""
     budgets = BUDGETS["quick" if args.quick else "full"]
-    transfer_sizes = tuple(args.sizes or TRANSFER_SIZES)
-    micro_sizes = tuple(args.sizes or MICRO_SIZES)
+    left_out = [] if left_out is None else left_out
+    transfer_sizes = _fitting("transfer", args.sizes or TRANSFER_SIZES, room, left_out)
+    micro_sizes = _fitting("cfd", args.sizes or MICRO_SIZES, room, left_out)
     cells = []
     for section in args.sections:
         budget, least = budgets[section]
         if section == "ceilings":  # one thread over every size; two processes over the transfer's
             sizes = tuple(sorted(set(transfer_sizes) | set(micro_sizes)))
-            cells.append(Cell(section, None, sizes, budget, least))
-            cells.append(Cell(section, ceilings.CROSS_PROCESS, transfer_sizes, budget, least))
+            if sizes:
+                cells.append(Cell(section, None, sizes, budget, least))
+            if transfer_sizes:  # the queue, and the handoff of what the transfer moves
+                cells.append(Cell(section, ceilings.CROSS_PROCESS, transfer_sizes, budget, least))
         elif section == "grain-pipeline":  # its own transports: stock Grain, Grain on grain_shm
             cells += [Cell(section, t, (size,), budget, least)
-                      for size in (args.sizes or GRAIN_PIPELINE_SIZES)
+                      for size in _fitting(section, args.sizes or GRAIN_PIPELINE_SIZES,
+                                           room, left_out)
                       for t in args.transports if t in grain_pipeline.TRANSPORTS]
         elif section == "transfer":  # sizes outside, so drift hits every transport alike
             cells += [Cell(section, t, (size,), budget, least)
                       for size in transfer_sizes for t in args.transports]
         elif section == "pipeline":
             cells += [Cell(section, v, (size,), budget, least)
-                      for size in args.sizes or pipeline.SIZES for v in _pipeline_variants(args)]
-        else:
+                      for size in _fitting(section, args.sizes or pipeline.SIZES, room, left_out)
+                      for v in _pipeline_variants(args)]
+        elif micro_sizes:
             cells += [Cell(section, t, micro_sizes, budget, least) for t in args.transports]
+    left_out.sort()
     return cells
 
 
@@ -158,16 +213,24 @@ def main(argv: Sequence[str]) -> int:
         "machine": machine.info(),
         "versions": machine.versions(),
     }
-    cells = plan(args)
+    room = shm_room()
+    left_out: List[int] = []
+    cells = plan(args, room, left_out)
+    note = left_out_note(left_out, room) if left_out else None
+    if note:
+        print(f"python -m grain_shm bench: {note}", file=sys.stderr)
     doc["config"] = {
         "quick": args.quick,
         "sections": args.sections,
         "transports": args.transports,
         "transfer_sizes": sorted({c.sizes[0] for c in cells if c.section == "transfer"}),
-        "micro_sizes": list(args.sizes or MICRO_SIZES),
+        "micro_sizes": [n for n in args.sizes or MICRO_SIZES if n not in left_out],
         "budgets": BUDGETS["quick" if args.quick else "full"],
         "transfer_queue_depth": transfer.QUEUE_DEPTH,
         "pipeline_sizes": sorted({c.sizes[0] for c in cells if c.section == "pipeline"}),
+        "shm_free_bytes": room,
+        "left_out_sizes": left_out,
+        "left_out": note,
     }
     watch = leaks.Watch()
     doc["cells"] = runner.run(cells, SECTIONS, watch)

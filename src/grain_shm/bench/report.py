@@ -29,6 +29,9 @@ class RunConfig(TypedDict):
     budgets: Dict[str, Tuple[float, int]]  # section: (seconds, minimum count)
     transfer_queue_depth: int
     pipeline_sizes: List[int]
+    shm_free_bytes: Optional[int]  # /dev/shm's free bytes at the start (None: unknown)
+    left_out_sizes: List[int]  # sizes without room for the arrays in flight there
+    left_out: Optional[str]  # why, as the run's notes say it
 
 
 class _RunStart(TypedDict):
@@ -346,6 +349,9 @@ def _notes(doc: RunRecord) -> List[str]:
             first = record["error"].strip().splitlines()[-1]
             sizes = ",".join(format_size(n) for n in record["sizes"])
             notes.append(f"FAILED {record['section']} {record['transport'] or ''} {sizes}: {first}")
+    note = doc["config"].get("left_out")
+    if note:
+        notes.append(f"{note[0].upper()}{note[1:]}.")
     leak = doc["leak_check"]
     if leak["ok"]:
         notes.append(f"Leak check: {leak['dir']} holds nothing new.")

@@ -135,11 +135,15 @@ def run_cell(cell: Cell, section: Section) -> CellRecord:
     if why_not:
         return {**record, "status": "skipped", "reason": why_not, "elapsed_s": 0.0}
     ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    abort = ctx.Event()
-    # Kept until the processes end: Process.start() drops its arguments, and a
-    # queue or event nobody holds is unlinked before the child can open it.
-    specs = section.processes(cell, ctx)
+    try:  # their semaphores live in /dev/shm: a full one fails this cell, not the run
+        results = ctx.Queue()
+        abort = ctx.Event()
+        # Kept until the processes end: Process.start() drops its arguments, and a
+        # queue or event nobody holds is unlinked before the child can open it.
+        specs = section.processes(cell, ctx)
+    except OSError:
+        return {**record, "status": "error", "error": traceback.format_exc(),
+                "elapsed_s": time.perf_counter() - started}
     procs = {
         role: ctx.Process(
             target=_entry,
