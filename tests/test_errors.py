@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import run_python, own_entries
+from conftest import needs_shm_room, own_entries, run_python
 
 from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata
 from grain_shm.names import SHM_DIR
@@ -66,6 +66,7 @@ def test_missing_name():
     assert info.value.filename == "gs_definitely_not_there"
 
 
+@needs_shm_room(256 << 20)  # /dev/shm has the room; the address space does not
 def test_out_of_address_space_is_not_blamed_on_dev_shm():
     run_python(
         """
@@ -161,6 +162,36 @@ def run_with_small_shm(code, size="16m"):
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"status {proc.returncode}"
         pytest.fail(f"child failed ({how}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
+
+
+@needs_small_shm
+def test_releases_pending_on_the_deleter_do_not_make_a_full_dev_shm():
+    """Dropped arrays whose release waits for the deleter still hold their
+    pages: a creation that finds /dev/shm full finishes those first, so
+    enable_async_del never fails where inline release would succeed."""
+    out = run_with_small_shm(
+        """
+import os, numpy as np
+from grain_shm import SharedMemoryArray, _shm
+SharedMemoryArray.enable_async_del(num_threads=1, max_outstanding_requests=50)
+_shm._hold_async_release(True)  # the worker takes nothing: the releases stay pending
+for _ in range(12):
+    a = SharedMemoryArray((1 << 20,), np.uint8)
+    a[:] = 1
+    a.unlink_on_del()
+    del a
+assert _shm.async_release_stats()["queued"] == 12
+big = SharedMemoryArray((8 << 20,), np.uint8)  # 12 + 8 MiB > 16 MiB: room only once flushed
+big[:] = 2
+big.unlink_on_del()
+stats = _shm.async_release_stats()
+assert stats["queued"] == 0 and stats["in_flight"] == 0, stats
+del big
+_shm._hold_async_release(False)
+SharedMemoryArray._disable_async_del()
+print(len([n for n in os.listdir("/dev/shm") if not n.startswith("sem.")]))
+""")
+    assert out.split()[-1] == "0"
 
 
 @needs_small_shm

@@ -9,7 +9,7 @@ import pickle
 
 import numpy as np
 from _names import exists
-from conftest import run_python
+from conftest import needs_shm_room, run_python
 
 from grain_shm import SharedMemoryArray
 
@@ -175,6 +175,7 @@ def test_readers_that_exit_or_are_sigkilled_unlink_nothing(fresh_segments):
     assert arr.sum() == 3 * (1 << 20)  # the owner still reads its data
 
 
+@needs_shm_room(1 << 30)
 def test_one_gib_array_crosses_a_spawned_process():
     run_python(
         """

@@ -50,6 +50,7 @@ cdef extern from "_release.h" nogil:
     int gs_deleter_push(void *addr, size_t length, const char *unlink_path)
     int gs_deleter_enable(int num_threads, size_t max_outstanding)
     void gs_deleter_stop()
+    size_t gs_deleter_flush()
     void gs_deleter_hold(int on)
     void gs_deleter_stats_get(gs_deleter_stats *out)
 

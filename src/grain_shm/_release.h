@@ -167,6 +167,7 @@ static struct {
     int running;          /* threads started in this process */
     int dozing, sleeping; /* idle workers: waking by themselves, or not */
     int stopping, forking, held;
+    int flushing;         /* threads in gs_deleter_flush */
     unsigned long long deferred, refused, unlink_errors;
     pthread_t threads[GS_MAX_THREADS];
 } gs_del = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
@@ -223,7 +224,7 @@ static void gs_serve(gs_request *r) {
     gs_del.in_flight--;
     gs_del.deferred++;
     if (err) gs_del.unlink_errors++;
-    if (gs_del.in_flight == 0 && (gs_del.forking || gs_del.stopping))
+    if (gs_del.in_flight == 0 && (gs_del.forking || gs_del.stopping || gs_del.flushing))
         pthread_cond_broadcast(&gs_del.quiet);
 }
 
@@ -358,6 +359,28 @@ static void gs_deleter_stop(void) {
     gs_del.stopping = 0;
     pthread_mutex_unlock(&gs_del.mu);
     pthread_mutex_unlock(&gs_del.ctl);
+}
+
+/* Finish every release pending now, without stopping the deleter: this
+ * thread serves the queued ones (held or not) and waits for those in
+ * flight.  Returns how many were pending.  A creation that finds /dev/shm
+ * full calls it: pending releases may hold the room that inline ones would
+ * already have given back, and async release must not fail where inline
+ * release succeeds. */
+static size_t gs_deleter_flush(void) {
+    gs_request r;
+    size_t pending;
+    pthread_mutex_lock(&gs_del.mu);
+    pending = gs_del.queued + gs_del.in_flight;
+    gs_del.flushing++;
+    while (gs_del.queued > 0) {
+        gs_pop(&r);
+        gs_serve(&r);
+    }
+    while (gs_del.in_flight > 0) pthread_cond_wait(&gs_del.quiet, &gs_del.mu);
+    gs_del.flushing--;
+    pthread_mutex_unlock(&gs_del.mu);
+    return pending;
 }
 
 /* For tests only: while `on`, workers take no new request. */

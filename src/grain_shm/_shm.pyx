@@ -42,7 +42,7 @@ from grain_shm._posix cimport (GS_MAX_THREADS, GS_MIN_BLOCK_SHIFT, MAP_POPULATE,
                                gs_blockref_add, gs_blockref_take,
                                gs_blockrefs_first, gs_generation, gs_remote_frees,
                                gs_size_class, gs_word, GS_GEN, GS_IS_FREE, GS_LINKED, GS_REFS,
-                               gs_deleter_enable, PyArray_NewFromDescr,
+                               gs_deleter_enable, gs_deleter_flush, PyArray_NewFromDescr,
                                gs_deleter_hold, gs_deleter_push, gs_deleter_stats,
                                gs_deleter_stats_get, gs_deleter_stop, gs_is_segment,
                                gs_mmap,
@@ -456,9 +456,15 @@ def create(Py_ssize_t nbytes, bytes prefix not None):
     cdef void *addr = NULL
     cdef int stage = 0
     cdef int rc = _create_named(path, prefix, prefix_len, length, &addr, &stage)
-    if rc in (ENOSPC, ENOMEM, EFBIG) and stage == 1 and _pool_bytes > 0:
-        _pool_trim(0.0)  # the pool's idle arenas hold room: give it back first
-        rc = _create_named(path, prefix, prefix_len, length, &addr, &stage)
+    cdef size_t pending
+    cdef Py_ssize_t pooled = _pool_bytes
+    if rc in (ENOSPC, ENOMEM, EFBIG) and stage == 1:  # /dev/shm is full: make room, once
+        if pooled > 0:
+            _pool_trim(0.0)  # the pool's idle arenas hold room: give it back
+        with nogil:  # releases waiting for the deleter may hold room too
+            pending = gs_deleter_flush()
+        if pooled > 0 or pending > 0:
+            rc = _create_named(path, prefix, prefix_len, length, &addr, &stage)
     if rc != 0:
         if stage == 1 and rc in (ENOSPC, ENOMEM, EFBIG):  # posix_fallocate
             raise _no_space(nbytes, rc)

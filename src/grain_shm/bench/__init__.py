@@ -14,7 +14,7 @@ import json
 import os
 import re
 import sys
-from typing import Callable, List, Optional, Sequence, Tuple, cast
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 from grain_shm import names
 from grain_shm.bench import (
@@ -76,22 +76,24 @@ def _array_bytes(section: str, size: int) -> int:
 
 
 def _fitting(
-    section: str, sizes: Sequence[int], room: Optional[int], left_out: List[int]
+    section: str, sizes: Sequence[int], room: Optional[int], left_out: Dict[str, List[int]]
 ) -> Tuple[int, ...]:
-    """The sizes that fit; the others are added to `left_out`."""
+    """The sizes of `section` that fit; the others go to `left_out[section]`."""
     kept = []
     for size in sizes:
         if room is None or ROOM_FACTOR * _array_bytes(section, size) <= room:
             kept.append(size)
-        elif size not in left_out:
-            left_out.append(size)
+        else:
+            left_out.setdefault(section, []).append(size)
     return tuple(kept)
 
 
-def left_out_note(left_out: Sequence[int], room: Optional[int]) -> str:
-    sizes = ", ".join(runner.format_size(n) for n in left_out)
-    return (f"left out {sizes}: /dev/shm has {(room or 0) / MiB:.0f} MiB free, and a size needs "
-            f"{ROOM_FACTOR}x its bytes there (the arrays in flight)")
+def left_out_note(left_out: Dict[str, List[int]], room: Optional[int]) -> str:
+    sections = "; ".join(f"{section} {', '.join(runner.format_size(n) for n in sizes)}"
+                         for section, sizes in left_out.items())
+    return (f"left out for want of room in /dev/shm ({(room or 0) / MiB:.0f} MiB free, and a "
+            f"size needs {ROOM_FACTOR}x its arrays' bytes there, for those in flight): "
+            f"{sections}")
 
 
 _UNITS = {"": 1, "B": 1, "K": KiB, "KB": KiB, "KIB": KiB, "M": MiB, "MB": MiB, "MIB": MiB,
@@ -143,23 +145,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def plan(
-    args: argparse.Namespace, room: Optional[int] = None, left_out: Optional[List[int]] = None
+    args: argparse.Namespace,
+    room: Optional[int] = None,
+    left_out: Optional[Dict[str, List[int]]] = None,
 ) -> List[Cell]:
-    """The run's cells; sizes without room in /dev/shm (`room` bytes free, None:
-    no limit) are left out, and listed in `left_out`."""
+    """The run's cells. Sizes without room in /dev/shm (`room` bytes free,
+    None: no limit) are left out, by section, into `left_out`."""
     budgets = BUDGETS["quick" if args.quick else "full"]
-    left_out = [] if left_out is None else left_out
-    transfer_sizes = _fitting("transfer", args.sizes or TRANSFER_SIZES, room, left_out)
-    micro_sizes = _fitting("cfd", args.sizes or MICRO_SIZES, room, left_out)
+    left_out = {} if left_out is None else left_out
+    chosen = set(args.sections)
     cells = []
     for section in args.sections:
         budget, least = budgets[section]
         if section == "ceilings":  # one thread over every size; two processes over the transfer's
-            sizes = tuple(sorted(set(transfer_sizes) | set(micro_sizes)))
+            everything = sorted(set(args.sizes or TRANSFER_SIZES) | set(args.sizes or MICRO_SIZES))
+            sizes = _fitting(section, everything, room, left_out)
+            moved = tuple(n for n in sizes if n in (args.sizes or TRANSFER_SIZES))
             if sizes:
                 cells.append(Cell(section, None, sizes, budget, least))
-            if transfer_sizes:  # the queue, and the handoff of what the transfer moves
-                cells.append(Cell(section, ceilings.CROSS_PROCESS, transfer_sizes, budget, least))
+            if moved:
+                cells.append(Cell(section, ceilings.CROSS_PROCESS, moved, budget, least))
         elif section == "grain-pipeline":  # its own transports: stock Grain, Grain on grain_shm
             cells += [Cell(section, t, (size,), budget, least)
                       for size in _fitting(section, args.sizes or GRAIN_PIPELINE_SIZES,
@@ -167,14 +172,16 @@ def plan(
                       for t in args.transports if t in grain_pipeline.TRANSPORTS]
         elif section == "transfer":  # sizes outside, so drift hits every transport alike
             cells += [Cell(section, t, (size,), budget, least)
-                      for size in transfer_sizes for t in args.transports]
+                      for size in _fitting(section, args.sizes or TRANSFER_SIZES, room, left_out)
+                      for t in args.transports]
         elif section == "pipeline":
             cells += [Cell(section, v, (size,), budget, least)
                       for size in _fitting(section, args.sizes or pipeline.SIZES, room, left_out)
                       for v in _pipeline_variants(args)]
-        elif micro_sizes:
-            cells += [Cell(section, t, micro_sizes, budget, least) for t in args.transports]
-    left_out.sort()
+        else:  # cfd and release share the sizes: left out once, under the first
+            sizes = _fitting(section, args.sizes or MICRO_SIZES, room,
+                             {} if "cfd" in chosen and section == "release" else left_out)
+            cells += [Cell(section, t, sizes, budget, least) for t in args.transports if sizes]
     return cells
 
 
@@ -214,7 +221,7 @@ def main(argv: Sequence[str]) -> int:
         "versions": machine.versions(),
     }
     room = shm_room()
-    left_out: List[int] = []
+    left_out: Dict[str, List[int]] = {}
     cells = plan(args, room, left_out)
     note = left_out_note(left_out, room) if left_out else None
     if note:
@@ -224,7 +231,7 @@ def main(argv: Sequence[str]) -> int:
         "sections": args.sections,
         "transports": args.transports,
         "transfer_sizes": sorted({c.sizes[0] for c in cells if c.section == "transfer"}),
-        "micro_sizes": [n for n in args.sizes or MICRO_SIZES if n not in left_out],
+        "micro_sizes": list(_fitting("cfd", args.sizes or MICRO_SIZES, room, {})),
         "budgets": BUDGETS["quick" if args.quick else "full"],
         "transfer_queue_depth": transfer.QUEUE_DEPTH,
         "pipeline_sizes": sorted({c.sizes[0] for c in cells if c.section == "pipeline"}),

@@ -30,7 +30,7 @@ class RunConfig(TypedDict):
     transfer_queue_depth: int
     pipeline_sizes: List[int]
     shm_free_bytes: Optional[int]  # /dev/shm's free bytes at the start (None: unknown)
-    left_out_sizes: List[int]  # sizes without room for the arrays in flight there
+    left_out_sizes: Dict[str, List[int]]  # by section: sizes without room for their arrays there
     left_out: Optional[str]  # why, as the run's notes say it
 
 
