@@ -9,9 +9,13 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+import time
+
+import pytest
 
 import grain_shm
 from grain_shm import _shm
+from grain_shm.names import SHM_DIR
 
 PACKAGE_DIR = os.path.dirname(grain_shm.__file__)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -97,3 +101,34 @@ def test_first_array_imports_no_socket_module():
     new = set(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
                              text=True, timeout=60, check=True).stdout.split())
     assert not new & {"_socket", "socket", "subprocess", "threading"}, sorted(new)
+
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def _readme_programs():
+    """The README's complete Python examples (those with a __main__ guard)."""
+    if not os.path.exists(README):  # the tests run from outside the tree (CI, the wheel)
+        return []
+    import re
+
+    with open(README) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    return [block for block in blocks if 'if __name__ == "__main__":' in block]
+
+
+@pytest.mark.skipif(not _readme_programs(), reason="no README.md beside the tests")
+@pytest.mark.parametrize("index", range(len(_readme_programs()) or 1))
+def test_readme_examples_run_as_written(index, tmp_path):
+    """What a user copies from the README runs, and leaves /dev/shm as it was."""
+    script = tmp_path / "example.py"
+    script.write_text(_readme_programs()[index])
+    before = set(os.listdir(SHM_DIR))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "leaked" not in proc.stderr, proc.stderr
+    deadline = time.monotonic() + 5  # the session's reaper sweeps what a program leaves
+    while set(os.listdir(SHM_DIR)) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not set(os.listdir(SHM_DIR)) - before
