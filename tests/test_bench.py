@@ -365,3 +365,27 @@ def test_a_cell_whose_set_up_fails_is_an_error_not_the_end_of_the_run():
     record = runner.run_cell(runner.Cell("full", None, (64,), 0.0, 1), section)
     assert record["status"] == "error" and "No space left on device" in record["error"]
     assert record["elapsed_s"] >= 0
+
+
+def test_queue_depth_is_the_transfers_and_its_ceilings(tmp_path):
+    path = tmp_path / "bench.json"
+    proc = run_bench("--quick", "--sections", "ceilings,transfer", "--sizes", "64K",
+                     "--transports", "pickle,grain_shm-recycle", "--queue-depth", "2",
+                     "--json", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(path.read_text())
+    assert doc["config"]["transfer_queue_depth"] == 2
+    assert "multiprocessing.Queue (2 deep)" in proc.stdout
+    for cell in doc["cells"]:
+        if cell["section"] == "transfer" or cell["transport"] == "cross-process":
+            assert cell["queue_depth"] == 2
+    if X86:
+        (cross,) = [c for c in doc["cells"] if c["transport"] == "cross-process"]
+        assert cross["result"]["queue"]["depth"] == 2
+        assert cross["result"]["ring_sizes"] == [2, 4]
+
+
+@pytest.mark.parametrize("depth", ["0", "1025", "two"])
+def test_a_queue_depth_out_of_range_is_refused(depth):
+    proc = run_bench("--queue-depth", depth)
+    assert proc.returncode == 2 and "queue depth" in proc.stderr

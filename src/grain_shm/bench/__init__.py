@@ -50,12 +50,12 @@ BUDGETS = {
               "grain-pipeline": (0.0, 8), "pipeline": (0.05, 3)},
 }
 
-# A size runs only where /dev/shm has room for ROOM_FACTOR arrays of it (the
-# transfer's in flight: the queue's, the one being filled, the one being
-# read, with the pool's rounding; the handoff's ring): in a container's
-# 64 MiB /dev/shm the large sizes are left out, with a note, instead of
-# dying of SIGBUS or ENOSPC half-way.
-ROOM_FACTOR = 8
+# A size runs only where /dev/shm has room for queue depth + ROOM_SPARE
+# arrays of it (the transfer's in flight: the queue's, the one being filled,
+# the one being read, with the pool's rounding; the handoff's ring): in a
+# container's 64 MiB /dev/shm the large sizes are left out, with a note,
+# instead of dying of SIGBUS or ENOSPC half-way.
+ROOM_SPARE = 4
 
 
 def shm_room() -> Optional[int]:
@@ -75,24 +75,30 @@ def _array_bytes(section: str, size: int) -> int:
     return size
 
 
+def room_factor(queue_depth: int) -> int:
+    """How many arrays of a size must fit in /dev/shm for the size to run."""
+    return queue_depth + ROOM_SPARE
+
+
 def _fitting(
-    section: str, sizes: Sequence[int], room: Optional[int], left_out: Dict[str, List[int]]
+    section: str, sizes: Sequence[int], room: Optional[int], left_out: Dict[str, List[int]],
+    factor: int,
 ) -> Tuple[int, ...]:
     """The sizes of `section` that fit; the others go to `left_out[section]`."""
     kept = []
     for size in sizes:
-        if room is None or ROOM_FACTOR * _array_bytes(section, size) <= room:
+        if room is None or factor * _array_bytes(section, size) <= room:
             kept.append(size)
         else:
             left_out.setdefault(section, []).append(size)
     return tuple(kept)
 
 
-def left_out_note(left_out: Dict[str, List[int]], room: Optional[int]) -> str:
+def left_out_note(left_out: Dict[str, List[int]], room: Optional[int], factor: int) -> str:
     sections = "; ".join(f"{section} {', '.join(runner.format_size(n) for n in sizes)}"
                          for section, sizes in left_out.items())
     return (f"left out for want of room in /dev/shm ({(room or 0) / MiB:.0f} MiB free, and a "
-            f"size needs {ROOM_FACTOR}x its arrays' bytes there, for those in flight): "
+            f"transfer size needs {factor}x its bytes there, for the arrays in flight): "
             f"{sections}")
 
 
@@ -108,6 +114,12 @@ def parse_size(text: str) -> int:
         return check_size(int(match.group(1)) * _UNITS[match.group(2).upper()])
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _depth(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1024:
+        raise argparse.ArgumentTypeError(f"not a queue depth from 1 to 1024: {text!r}")
+    return int(text)
 
 
 def _choices(allowed: Sequence[str]) -> Callable[[str], List[str]]:
@@ -138,6 +150,10 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"comma-separated, from {','.join(TRANSPORTS)}")
     parser.add_argument("--sections", type=_choices(list(SECTIONS)), default=list(SECTIONS),
                         help=f"comma-separated, from {','.join(SECTIONS)}")
+    parser.add_argument("--queue-depth", type=_depth, default=transfer.QUEUE_DEPTH, metavar="N",
+                        help="the transfer's multiprocessing.Queue maxsize, its prefetch buffer "
+                        f"in arrays (default {transfer.QUEUE_DEPTH}); the queue's own ceiling "
+                        "is measured at the same depth")
     parser.add_argument("--json", metavar="PATH", help="write every figure, machine and versions")
     parser.add_argument("--plot", metavar="PATH.png", help="throughput vs size (needs matplotlib)")
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
@@ -153,34 +169,40 @@ def plan(
     None: no limit) are left out, by section, into `left_out`."""
     budgets = BUDGETS["quick" if args.quick else "full"]
     left_out = {} if left_out is None else left_out
+    depth = args.queue_depth
+    factor = room_factor(depth)  # the transfer and its ceilings; the others' is fixed
+    fixed = room_factor(transfer.QUEUE_DEPTH)
     chosen = set(args.sections)
     cells = []
     for section in args.sections:
         budget, least = budgets[section]
         if section == "ceilings":  # one thread over every size; two processes over the transfer's
             everything = sorted(set(args.sizes or TRANSFER_SIZES) | set(args.sizes or MICRO_SIZES))
-            sizes = _fitting(section, everything, room, left_out)
+            sizes = _fitting(section, everything, room, left_out, factor)
             moved = tuple(n for n in sizes if n in (args.sizes or TRANSFER_SIZES))
             if sizes:
                 cells.append(Cell(section, None, sizes, budget, least))
             if moved:
-                cells.append(Cell(section, ceilings.CROSS_PROCESS, moved, budget, least))
+                cells.append(Cell(section, ceilings.CROSS_PROCESS, moved, budget, least, depth))
         elif section == "grain-pipeline":  # its own transports: stock Grain, Grain on grain_shm
             cells += [Cell(section, t, (size,), budget, least)
                       for size in _fitting(section, args.sizes or GRAIN_PIPELINE_SIZES,
-                                           room, left_out)
+                                           room, left_out, fixed)
                       for t in args.transports if t in grain_pipeline.TRANSPORTS]
         elif section == "transfer":  # sizes outside, so drift hits every transport alike
-            cells += [Cell(section, t, (size,), budget, least)
-                      for size in _fitting(section, args.sizes or TRANSFER_SIZES, room, left_out)
+            cells += [Cell(section, t, (size,), budget, least, depth)
+                      for size in _fitting(section, args.sizes or TRANSFER_SIZES, room, left_out,
+                                           factor)
                       for t in args.transports]
         elif section == "pipeline":
             cells += [Cell(section, v, (size,), budget, least)
-                      for size in _fitting(section, args.sizes or pipeline.SIZES, room, left_out)
+                      for size in _fitting(section, args.sizes or pipeline.SIZES, room,
+                                           left_out, fixed)
                       for v in _pipeline_variants(args)]
         else:  # cfd and release share the sizes: left out once, under the first
             sizes = _fitting(section, args.sizes or MICRO_SIZES, room,
-                             {} if "cfd" in chosen and section == "release" else left_out)
+                             {} if "cfd" in chosen and section == "release" else left_out,
+                             fixed)
             cells += [Cell(section, t, sizes, budget, least) for t in args.transports if sizes]
     return cells
 
@@ -223,7 +245,7 @@ def main(argv: Sequence[str]) -> int:
     room = shm_room()
     left_out: Dict[str, List[int]] = {}
     cells = plan(args, room, left_out)
-    note = left_out_note(left_out, room) if left_out else None
+    note = left_out_note(left_out, room, room_factor(args.queue_depth)) if left_out else None
     if note:
         print(f"python -m grain_shm bench: {note}", file=sys.stderr)
     doc["config"] = {
@@ -231,9 +253,10 @@ def main(argv: Sequence[str]) -> int:
         "sections": args.sections,
         "transports": args.transports,
         "transfer_sizes": sorted({c.sizes[0] for c in cells if c.section == "transfer"}),
-        "micro_sizes": list(_fitting("cfd", args.sizes or MICRO_SIZES, room, {})),
+        "micro_sizes": list(_fitting("cfd", args.sizes or MICRO_SIZES, room, {},
+                                     room_factor(transfer.QUEUE_DEPTH))),
         "budgets": BUDGETS["quick" if args.quick else "full"],
-        "transfer_queue_depth": transfer.QUEUE_DEPTH,
+        "transfer_queue_depth": args.queue_depth,
         "pipeline_sizes": sorted({c.sizes[0] for c in cells if c.section == "pipeline"}),
         "shm_free_bytes": room,
         "left_out_sizes": left_out,

@@ -16,7 +16,7 @@ cell (transport CROSS_PROCESS) runs two fresh processes, a producer and a
 consumer, for what no transport between processes can beat:
 
 - queue: messages per second through the transfer section's own
-  `ctx.Queue(maxsize=transfer.QUEUE_DEPTH)`, producer put / consumer get, of
+  `ctx.Queue(maxsize=depth)`, producer put / consumer get, of
   MESSAGE: a tuple the size of the reference a pooled transport sends, no
   bytes. The queue is latency-bound (its rate grows with its depth), so
   whatever a transport sends through it per array, rate x size bounds it.
@@ -28,7 +28,8 @@ consumer, for what no transport between processes can beat:
   queue: what moving the bytes from one core to another costs, which bounds
   any shared-memory transport at large sizes. Which n is fastest depends on
   the size (on this 2-core VM: 2 blocks at 16 MiB, 4 at 1 MiB), so each
-  size is timed with every ring of RING_SIZES and the best is its ceiling.
+  size is timed with every ring of ring_sizes(depth) and the best is its
+  ceiling.
 
 The JSON: the single-thread cell's result is {"sizes": [row]}, one row per
 size with "size" and, for "memcpy", "fault_fill", "populate_fill",
@@ -176,9 +177,13 @@ CROSS_PROCESS = "cross-process"  # the transport column of their cell
 # What a pooled transport puts on the queue per array: name, shape, dtype,
 # strides, offset, index, generation (the size of grain_shm's pickled reference).
 MESSAGE = ("gs001r90kutajuk_TzvuhtQNDXPI", (4096,), "|u1", None, 0, 3, 17)
-# Rings of 2 blocks (double buffering), 4, and as many as the transfer has
-# arrays in flight.
-RING_SIZES = (2, 4, transfer.QUEUE_DEPTH + 2)
+
+
+def ring_sizes(depth: int) -> tuple[int, ...]:
+    """Rings of 2 blocks (double buffering), 4, and as many as the transfer
+    has arrays in flight with a Queue `depth` deep."""
+    return tuple(sorted({2, 4, depth + 2}))
+
 MAX_BLOCKS = 1_000_000
 SPIN_CHECK = 1 << 12  # spins between looks at the abort event
 # The queue's rate jumps between two modes (as much as 2x apart on 2 cores) as
@@ -281,7 +286,8 @@ def produce_cross(cell: Cell, abort: Event, q: Queue[Any], ready: Event, drained
         transfer._wait(ready, abort)
         messages = _produce_queue(cell, abort, q)
         transfer._wait(drained, abort)  # the ring's set-up does not disturb the queue's end
-        blocks = [[_produce_ring(nbytes, ring, cell, abort, q) for ring in RING_SIZES]
+        rings = ring_sizes(transfer.depth(cell))
+        blocks = [[_produce_ring(nbytes, ring, cell, abort, q) for ring in rings]
                   for nbytes in cell.sizes]
     except BaseException:
         q.cancel_join_thread()
@@ -337,7 +343,8 @@ def consume_cross(cell: Cell, abort: Event, q: Queue[Any], ready: Event, drained
     )
     return {
         "messages": len(finished), "timed": timed, "rates": rates.tolist(),
-        "rings": [[_consume_ring(nbytes, ring, abort, q) for ring in RING_SIZES]
+        "rings": [[_consume_ring(nbytes, ring, abort, q)
+                   for ring in ring_sizes(transfer.depth(cell))]
                   for nbytes in cell.sizes],
     }
 
@@ -345,7 +352,7 @@ def consume_cross(cell: Cell, abort: Event, q: Queue[Any], ready: Event, drained
 def _processes(cell: Cell, ctx: BaseContext) -> list[ProcessSpec]:
     if cell.transport != CROSS_PROCESS:
         return [("ceilings", run, ())]
-    q = ctx.Queue(maxsize=transfer.QUEUE_DEPTH)
+    q = ctx.Queue(maxsize=transfer.depth(cell))
     ready, drained = ctx.Event(), ctx.Event()
     return [
         ("producer", produce_cross, (q, ready, drained)),
@@ -359,30 +366,31 @@ def _summarize(cell: Cell, outputs: dict[str, Result]) -> Result:
     consumer = outputs["consumer"]
     messages_per_s = stats.summary(consumer["rates"])
     sizes = []
+    ring_counts = ring_sizes(transfer.depth(cell))
     for nbytes, rings in zip(cell.sizes, consumer["rings"]):
         gbps = [stats.summary(np.asarray(r["rates"]) * nbytes / 1e9) for r in rings]
         best = max(range(len(rings)), key=lambda i: gbps[i]["median"])
         sizes.append({
             "size": nbytes,
             "handoff": {
-                "ring_blocks": RING_SIZES[best],
+                "ring_blocks": ring_counts[best],
                 "blocks": rings[best]["blocks"],
                 "timed_blocks": rings[best]["timed"],
                 "gbps": gbps[best],
                 "blocks_per_s": stats.summary(rings[best]["rates"]),
-                "gbps_by_ring": {str(n): g["median"] for n, g in zip(RING_SIZES, gbps)},
+                "gbps_by_ring": {str(n): g["median"] for n, g in zip(ring_counts, gbps)},
             },
             "queue_bound_gbps": messages_per_s["median"] * nbytes / 1e9,
         })
     return {
         "queue": {
-            "depth": transfer.QUEUE_DEPTH,
+            "depth": transfer.depth(cell),
             "message": repr(MESSAGE),
             "messages": consumer["messages"],
             "timed_messages": consumer["timed"],
             "messages_per_s": messages_per_s,
         },
-        "ring_sizes": list(RING_SIZES),
+        "ring_sizes": list(ring_counts),
         "sizes": sizes,
     }
 

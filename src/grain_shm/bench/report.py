@@ -260,7 +260,8 @@ def _ceilings_title(doc: RunRecord) -> str:
         rate = cross["queue"]["messages_per_s"]
         queue = (f"{rate['median']:,.0f} messages/s (p10-p90 {rate['p10']:,.0f}-"
                  f"{rate['p90']:,.0f})")
-    sizes = ceilings_section.RING_SIZES
+    sizes = cross["ring_sizes"] if cross is not None else ceilings_section.ring_sizes(
+        doc["config"]["transfer_queue_depth"])
     rings = ", ".join(map(str, sizes[:-1])) + f" and {sizes[-1]}"
     return (
         "Ceilings of this machine (medians). memcpy, first-touch fill, fresh-mapping "

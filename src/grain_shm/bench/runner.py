@@ -49,6 +49,7 @@ class Cell:
     sizes: Tuple[int, ...]
     budget: float  # seconds of measurement (per cell for transfer, per size otherwise)
     min_count: int  # measured repetitions at least, whatever the budget
+    queue_depth: Optional[int] = None  # the transfer's Queue maxsize (and its ceilings')
 
     @property
     def label(self) -> str:
@@ -77,7 +78,7 @@ class Section:
 class CellRecord(TypedDict, total=False):
     """One cell's entry in the run's record (`cells` in the JSON).
 
-    Every record has the five keys of its Cell, `status` and `elapsed_s`; then
+    Every record has the keys of its Cell, `status` and `elapsed_s`; then
     `result` if ok, `reason` if skipped, `error` if it failed. total=False
     because run_cell() builds it in steps."""
 
@@ -86,6 +87,7 @@ class CellRecord(TypedDict, total=False):
     sizes: List[int]
     budget_s: float
     min_count: int
+    queue_depth: Optional[int]
     status: Literal["ok", "skipped", "error"]
     elapsed_s: float
     result: Result
@@ -129,6 +131,7 @@ def run_cell(cell: Cell, section: Section) -> CellRecord:
         "sizes": list(cell.sizes),
         "budget_s": cell.budget,
         "min_count": cell.min_count,
+        "queue_depth": cell.queue_depth,
     }
     started = time.perf_counter()
     why_not = cell.transport and transports.missing(cell.transport)

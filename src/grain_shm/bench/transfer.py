@@ -27,12 +27,17 @@ if TYPE_CHECKING:
     from multiprocessing.queues import Queue
     from multiprocessing.synchronize import Event
 
-QUEUE_DEPTH = 4
+QUEUE_DEPTH = 4  # the default; `--queue-depth` sets the cells' own
 WARMUP = 2  # arrays at least, 10% at most, before the clock starts
 SEGMENTS = 20  # timed segments per cell, for the median and p10/p90
 MAX_ARRAYS = 1_000_000
 POLL = 0.1  # seconds between looks at the abort event while blocked
 ABORT_CHECK_EVERY = 64  # arrays between looks at it while not blocked
+
+
+def depth(cell: Cell) -> int:
+    """The cell's Queue maxsize: the prefetch buffer, in arrays."""
+    return cell.queue_depth or QUEUE_DEPTH
 
 
 def _get(q: Queue[Any], abort: Event) -> Any:
@@ -66,7 +71,7 @@ def produce(cell: Cell, abort: Event, q: Queue[Any], ready: Event, done: Event) 
     pattern = payload.source(nbytes)
     # Arrays sent but perhaps not yet removed by the consumer: on failure
     # they are unlinked here, so an error leaves /dev/shm as it was.
-    in_flight: Deque[Any] = collections.deque(maxlen=QUEUE_DEPTH + 64)
+    in_flight: Deque[Any] = collections.deque(maxlen=depth(cell) + 64)
     count = 0
     try:
         _wait(ready, abort)
@@ -138,7 +143,7 @@ def consume(cell: Cell, abort: Event, q: Queue[Any], ready: Event, done: Event) 
 
 
 def processes(cell: Cell, ctx: BaseContext) -> List[ProcessSpec]:
-    q = ctx.Queue(maxsize=QUEUE_DEPTH)
+    q = ctx.Queue(maxsize=depth(cell))
     ready, done = ctx.Event(), ctx.Event()
     return [
         ("producer", produce, (q, ready, done)),
