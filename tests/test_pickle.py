@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from _names import exists
-from grain_shm import SharedMemoryArray
+from grain_shm import SharedMemoryArray, SharedMemoryArrayMetadata
 
 PROTOCOLS = range(2, pickle.HIGHEST_PROTOCOL + 1)
 
@@ -178,3 +178,32 @@ def test_a_subclass_pickles_as_itself():
     arr[:] = 5
     back = pickle.loads(pickle.dumps(arr[1:]))
     assert type(back) is Tagged and back.sum() == 15
+
+
+class _MyMetadata(SharedMemoryArrayMetadata):
+    """A user's subclass of the metadata."""
+
+
+@pytest.mark.parametrize("dtype", [
+    np.dtype(np.float32), np.dtype(">i8"), np.dtype([("x", "<f4"), ("y", "u1")]),
+    np.dtype(np.float32, metadata={"unit": "m"}), "float32", np.int16,
+], ids=repr)
+def test_metadata_pickles_to_an_equal_metadata_with_fields_of_the_same_types(dtype):
+    md = SharedMemoryArrayMetadata("gs_x", (3, 4), dtype, (32, 8), 16, (2, 7))
+    back = pickle.loads(pickle.dumps(md))
+    assert back == md and type(back) is SharedMemoryArrayMetadata
+    for field in ("name", "shape", "dtype", "strides", "offset", "block"):
+        assert type(getattr(back, field)) is type(getattr(md, field)), field
+    if isinstance(dtype, np.dtype):
+        assert back.dtype == dtype and back.dtype.metadata == dtype.metadata
+    sub = _MyMetadata("gs_x", (3,), dtype)
+    assert type(pickle.loads(pickle.dumps(sub))) is _MyMetadata
+
+
+def test_metadata_sent_as_grain_sends_it_maps_the_same_elements():
+    """copy_to_shm's output crosses as metadata: it must come back whole."""
+    arr = SharedMemoryArray((4, 6), np.int32)
+    arr.unlink_on_del()
+    arr[...] = np.arange(24).reshape(4, 6)
+    md = pickle.loads(pickle.dumps(arr[1:, ::2].metadata))
+    np.testing.assert_array_equal(SharedMemoryArray.from_metadata(md), arr[1:, ::2])
