@@ -613,20 +613,24 @@ def reference(arr not None):
     are in a segment, else None: what pickling sends. strides is None for C
     order; offset is from the start of the named segment (for a block: of
     its arena); block is None or (index, generation)."""
-    seg = segment_of(arr)
+    seg = _segment_of(arr)
     if seg is None:
         return None
     cdef Segment segment = seg
     cdef cnp.ndarray array = arr
     return (segment.name, arr.shape, arr.dtype,
             None if cnp.PyArray_IS_C_CONTIGUOUS(array) else arr.strides,
-            data_offset(array, segment),
+            _data_offset(array, segment),
             None if segment.arena is None else (segment.index, segment.generation))
 
 
 def data_offset(cnp.ndarray arr not None, Segment seg not None):
     """Byte offset of arr's first element from the start of seg's named
     segment (for a block: of its arena)."""
+    return _data_offset(arr, seg)
+
+
+cdef inline Py_ssize_t _data_offset(cnp.ndarray arr, Segment seg) noexcept:
     cdef char *data = <char *>cnp.PyArray_DATA(arr)
     cdef char *start = <char *>seg.addr if seg.addr != NULL else _empty_buffer
     return <Py_ssize_t>(data - start) + <Py_ssize_t>seg.origin
