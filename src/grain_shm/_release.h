@@ -334,11 +334,22 @@ static int gs_deleter_enable(int num_threads, size_t max_outstanding) {
     return rc;
 }
 
+/* Serve the queued requests on this thread, then wait until none is in
+ * flight.  mu held; the caller has set `stopping` or `flushing`, so the
+ * last worker to finish signals `quiet`. */
+static void gs_drain(void) {
+    gs_request r;
+    while (gs_del.queued > 0) {
+        gs_pop(&r);
+        gs_serve(&r);
+    }
+    while (gs_del.in_flight > 0) pthread_cond_wait(&gs_del.quiet, &gs_del.mu);
+}
+
 /* Stop deferring: finish every pending release (this thread helps the
  * workers, so the only wait is for releases already in flight), then join
  * the workers.  Releases requested from now on are inline. */
 static void gs_deleter_stop(void) {
-    gs_request r;
     int i, n;
     pthread_mutex_lock(&gs_del.ctl);
     pthread_mutex_lock(&gs_del.mu);
@@ -346,11 +357,7 @@ static void gs_deleter_stop(void) {
     gs_del.stopping = 1;
     gs_del.held = 0;
     pthread_cond_broadcast(&gs_del.work);
-    while (gs_del.queued > 0) {
-        gs_pop(&r);
-        gs_serve(&r);
-    }
-    while (gs_del.in_flight > 0) pthread_cond_wait(&gs_del.quiet, &gs_del.mu);
+    gs_drain();
     n = gs_del.running;
     gs_del.running = 0;
     pthread_mutex_unlock(&gs_del.mu);
@@ -368,16 +375,11 @@ static void gs_deleter_stop(void) {
  * already have given back, and async release must not fail where inline
  * release succeeds. */
 static size_t gs_deleter_flush(void) {
-    gs_request r;
     size_t pending;
     pthread_mutex_lock(&gs_del.mu);
     pending = gs_del.queued + gs_del.in_flight;
     gs_del.flushing++;
-    while (gs_del.queued > 0) {
-        gs_pop(&r);
-        gs_serve(&r);
-    }
-    while (gs_del.in_flight > 0) pthread_cond_wait(&gs_del.quiet, &gs_del.mu);
+    gs_drain();
     gs_del.flushing--;
     pthread_mutex_unlock(&gs_del.mu);
     return pending;
