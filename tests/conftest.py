@@ -11,7 +11,7 @@ import time
 import pytest
 
 from grain_shm import SharedMemoryArray, _shm, session
-from grain_shm.names import SHM_DIR
+from grain_shm.names import SHM_DIR, shm_space
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -102,11 +102,8 @@ def run_python(code, *, timeout=120, env=None, check=True, args=()):
 def needs_shm_room(nbytes):
     """Skip a test that needs `nbytes` free in /dev/shm where it has less
     (a container's 64 MiB): that is the machine's size, not a defect."""
-    try:
-        st = os.statvfs(SHM_DIR)
-        free = st.f_bavail * st.f_frsize
-    except OSError:
-        free = 0
+    space = shm_space()
+    free = space[1] if space else 0
     return pytest.mark.skipif(
         free < nbytes, reason=f"needs {nbytes >> 20} MiB free in {SHM_DIR}, which has {free >> 20}"
     )

@@ -59,7 +59,7 @@ if gs_release_init() != 0:
 # Longest name shm_open takes, without the leading "/": NAME_MAX on Linux,
 # PSHMNAMLEN (31 with the "/") on macOS.
 NAME_MAX = 30 if os.uname().sysname == "Darwin" else 255
-from grain_shm.names import SHM_DIR
+from grain_shm.names import SHM_DIR, shm_space
 from numpy import __version__ as _numpy_version
 
 cdef enum:
@@ -174,12 +174,9 @@ def layout(shape, Py_ssize_t itemsize):
 
 def _no_space(Py_ssize_t nbytes, int err):
     """MemoryError that says where the memory was to come from and how to get more."""
-    try:
-        st = os.statvfs(SHM_DIR)
-        where = (f"{SHM_DIR} has {st.f_bavail * st.f_frsize} bytes free "
-                 f"of {st.f_blocks * st.f_frsize}")
-    except OSError:
-        where = f"{SHM_DIR} is not available"
+    space = shm_space()
+    where = (f"{SHM_DIR} is not available" if space is None
+             else f"{SHM_DIR} has {space[1]} bytes free of {space[0]}")
     return MemoryError(
         f"cannot allocate {nbytes} bytes of shared memory ({os.strerror(err)}): "
         f"{where}. Free some (`python -m grain_shm gc` removes orphaned "

@@ -340,12 +340,8 @@ def _rebuild_metadata(
 def _default_pool_bytes() -> int:
     """A quarter of /dev/shm: room for the pool without starving fresh segments
     (blocks round sizes up to a power of two; idle arenas hold memory)."""
-    try:
-        st = os.statvfs(names.SHM_DIR)
-        total = st.f_blocks * st.f_frsize
-    except OSError:
-        total = 0
-    return max(total // 4, 1 << 20)
+    space = names.shm_space()
+    return max((space[0] if space else 0) // 4, 1 << 20)
 
 
 def _recycling_from_environment() -> None:

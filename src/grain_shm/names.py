@@ -17,6 +17,7 @@ with their last holder) say who is alive:
 
 from __future__ import annotations
 
+import os
 import re
 
 SHM_DIR = "/dev/shm"
@@ -25,6 +26,15 @@ PERSISTENT_PREFIX = "gsk_"
 SEGMENT_RE = re.compile(r"gs([0-9a-z]{13})_[A-Za-z0-9_-]{12}")
 PERSISTENT_RE = re.compile(r"gsk_[A-Za-z0-9_-]{12}")
 _SOCKET_RE = re.compile(r"@grain_shm\.(reaper|member)\.([0-9a-z]{13})(?:\.\d+)?")
+
+
+def shm_space() -> tuple[int, int] | None:
+    """(size, free bytes) of SHM_DIR's filesystem, or None where it has none."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
 
 def segment_prefix(session: str) -> str:

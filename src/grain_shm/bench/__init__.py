@@ -58,15 +58,6 @@ BUDGETS = {
 ROOM_SPARE = 4
 
 
-def shm_room() -> Optional[int]:
-    """Bytes free in /dev/shm now, or None where it cannot be told."""
-    try:
-        st = os.statvfs(names.SHM_DIR)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
 def _array_bytes(section: str, size: int) -> int:
     """The bytes of one shared array of a cell of `size`: the pipeline sends
     its small elements in batches."""
@@ -242,7 +233,8 @@ def main(argv: Sequence[str]) -> int:
         "machine": machine.info(),
         "versions": machine.versions(),
     }
-    room = shm_room()
+    space = names.shm_space()
+    room = None if space is None else space[1]  # free bytes in /dev/shm now
     left_out: Dict[str, List[int]] = {}
     cells = plan(args, room, left_out)
     note = left_out_note(left_out, room, room_factor(args.queue_depth)) if left_out else None

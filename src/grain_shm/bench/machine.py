@@ -8,6 +8,8 @@ import platform
 import sys
 from typing import Dict, List, Optional, TypedDict
 
+from grain_shm import names
+
 
 def _cpu_model() -> str:
     try:
@@ -25,14 +27,6 @@ def _memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return 0
-
-
-def _shm_bytes() -> int:
-    try:
-        st = os.statvfs("/dev/shm")
-    except OSError:
-        return 0
-    return st.f_blocks * st.f_frsize
 
 
 class MachineInfo(TypedDict):
@@ -54,7 +48,7 @@ def info() -> MachineInfo:
         "cpus": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "memory_bytes": _memory_bytes(),
-        "dev_shm_bytes": _shm_bytes(),
+        "dev_shm_bytes": (names.shm_space() or (0, 0))[0],
         "load_average_at_start": list(os.getloadavg()),
     }
 
