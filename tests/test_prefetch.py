@@ -145,10 +145,9 @@ def test_grain_map_dataset_source():
 
 
 def pool_on():
-    """Whether this process takes arrays from the pool (issue 10): then
-    /dev/shm lists arenas, not a file per array."""
-    stats = getattr(_shm, "pool_stats", None)
-    return stats is not None and stats()["max_bytes"] > 0
+    """Whether this process takes arrays from the pool: then /dev/shm lists
+    arenas, not a file per array."""
+    return _shm.pool_stats()["max_bytes"] > 0
 
 
 def test_batches_are_shared_memory_the_consumer_owns():
@@ -508,8 +507,6 @@ def test_every_start_method_gives_the_same_stream(reference, context):
     assert as_lists(got) == reference
 
 
-@pytest.mark.skipif(not hasattr(SharedMemoryArray, "enable_recycling"),
-                    reason="the pool (issue 10) is not there yet")
 def test_with_the_pool_on_batches_are_the_same():
     proc = run_python(
         """

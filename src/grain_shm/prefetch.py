@@ -17,8 +17,8 @@ thread, so a message is in the kernel once send() returns, and stopping can
 drain and unlink every reference in flight. A worker's death shows at once
 on its sentinel.
 
-Workers take their arrays from the pool of recycled memory (issue 10)
-exactly when the consumer does: the consumer's setting is passed to them,
+Workers take their arrays from the pool of recycled memory exactly when
+the consumer does: the consumer's setting is passed to them,
 whatever their environment says.
 
 Stopping sends SIGTERM: a worker raises `_Stop` at once, except while it
@@ -341,21 +341,19 @@ def _failure(worker: int, maker: Optional[_Maker], error: BaseException) -> _Fai
     )
 
 
-def _pool_setting() -> Optional[int]:
+def _pool_setting() -> int:
     """This process's pool bound (0: off), for the workers to match whatever
-    their environment says; None where grain_shm has no pool (before issue 10)."""
-    stats = getattr(_shm, "pool_stats", None)
-    return None if stats is None else int(stats().get("max_bytes", 0))
+    their environment says."""
+    bound: int = _shm.pool_stats()["max_bytes"]
+    return bound
 
 
-def _match_pool(setting: Optional[int]) -> None:
+def _match_pool(setting: int) -> None:
     """Turn this worker's pool on (with the consumer's bound) or off, as the consumer's is."""
-    if setting is None:
-        return
     if setting:
-        getattr(SharedMemoryArray, "enable_recycling")(setting)
+        SharedMemoryArray.enable_recycling(setting)
     else:
-        getattr(SharedMemoryArray, "_disable_recycling")()
+        SharedMemoryArray._disable_recycling()
 
 
 def _work(
@@ -367,7 +365,7 @@ def _work(
     channel: Connection,
     credits: Semaphore,
     profiling: bool,
-    pool: Optional[int],
+    pool: int,
 ) -> None:
     """A worker: make items first_item, first_item + num_workers, ... and send them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle

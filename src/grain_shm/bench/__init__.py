@@ -189,22 +189,13 @@ def plan(
             cells += [Cell(section, v, (size,), budget, least)
                       for size in _fitting(section, args.sizes or pipeline.SIZES, room,
                                            left_out, fixed)
-                      for v in _pipeline_variants(args)]
+                      for v in pipeline.VARIANTS if v in args.transports]
         else:  # cfd and release share the sizes: left out once, under the first
             sizes = _fitting(section, args.sizes or MICRO_SIZES, room,
                              {} if "cfd" in chosen and section == "release" else left_out,
                              fixed)
             cells += [Cell(section, t, sizes, budget, least) for t in args.transports if sizes]
     return cells
-
-
-def _pipeline_variants(args: argparse.Namespace) -> List[str]:
-    """The chosen transports that the pipeline section runs; grain_shm brings
-    grain_shm-recycle while the pool (issue 10) is not a transport of its own."""
-    chosen = set(args.transports)
-    if "grain_shm" in chosen and "grain_shm-recycle" not in TRANSPORTS:
-        chosen.add("grain_shm-recycle")
-    return [v for v in pipeline.VARIANTS if v in chosen]
 
 
 def _output_problem(args: argparse.Namespace) -> Optional[str]:

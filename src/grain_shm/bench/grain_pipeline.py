@@ -42,8 +42,7 @@ if TYPE_CHECKING:
 
 WORKERS = 2
 MAX_RUNS = 9
-# The environment each transport's workers start with. The pool (issue 10)
-# adds "grain_shm-recycle": {"GRAIN_SHM_PATCH_GRAIN": "1", "GRAIN_SHM_RECYCLE": "1"}.
+# The environment each transport's workers start with.
 TRANSPORTS: Dict[str, Dict[str, str]] = {
     "grain": {"GRAIN_SHM_PATCH_GRAIN": "0", "GRAIN_SHM_RECYCLE": "0"},
     "grain_shm": {"GRAIN_SHM_PATCH_GRAIN": "1", "GRAIN_SHM_RECYCLE": "0"},

@@ -6,7 +6,7 @@ cell's process, reads every byte of each and checks it. Small elements
 travel in batches of BATCH elements, assembled in the workers. Compared:
 
 - grain_shm: `grain_shm.prefetch` (fresh segments), and grain_shm-recycle,
-  the same with the pool of issue 10 on (skipped until it exists);
+  the same with the pool on;
 - grain: Grain's `MapDataset.map(...).batch(...).to_iter_dataset().mp_prefetch()`;
 - pickle: `multiprocessing.Pool.imap`, results pickled through its pipes.
 
@@ -114,15 +114,10 @@ def _grain_shm(nbytes: int, recycle: bool) -> Stream:
 
     # The workers' pool is set as this process's is (on, or off even where
     # GRAIN_SHM_RECYCLE says on), so "grain_shm" measures fresh segments.
-    enable: Optional[Callable[[], None]] = getattr(
-        grain_shm.SharedMemoryArray, "enable_recycling", None
-    )
-    if recycle and enable is None:
-        raise Unavailable("SharedMemoryArray.enable_recycling does not exist yet (issue 10)")
-    if recycle and enable is not None:
-        enable()
-    elif enable is not None:
-        getattr(grain_shm.SharedMemoryArray, "_disable_recycling")()
+    if recycle:
+        grain_shm.SharedMemoryArray.enable_recycling()
+    else:
+        grain_shm.SharedMemoryArray._disable_recycling()
     stream = grain_shm.prefetch(
         range(1 << 62), MakeElement(nbytes), batch_size=batch_size(nbytes), num_epochs=None,
         options=grain_shm.MultiprocessingOptions(WORKERS, IN_FLIGHT),
