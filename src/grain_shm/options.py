@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
+
+
+def checked_int(name: str, value: Any, minimum: int) -> int:
+    """`value` as a Python int of at least `minimum`. numpy's ints are
+    accepted, as values computed with numpy reach here; floats, strings and
+    bools standing for numbers are refused (TypeError, ValueError)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 @dataclasses.dataclass(slots=True)
@@ -23,16 +35,11 @@ class MultiprocessingOptions:
     enable_profiling: bool = False
 
     def __post_init__(self) -> None:
-        # numpy's ints and bools are accepted (and stored as Python's), as
-        # values computed with numpy reach here; floats, strings and bools
-        # standing for numbers are refused.
-        for field, minimum in (("num_workers", 0), ("per_worker_buffer_size", 1)):
-            value = getattr(self, field)
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"{field} must be an int, not {type(value).__name__}")
-            if value < minimum:
-                raise ValueError(f"{field} must be >= {minimum}, got {value}")
-            setattr(self, field, int(value))
+        # numpy's ints and bools are accepted (and stored as Python's).
+        self.num_workers = checked_int("num_workers", self.num_workers, 0)
+        self.per_worker_buffer_size = checked_int(
+            "per_worker_buffer_size", self.per_worker_buffer_size, 1
+        )
         if not isinstance(self.enable_profiling, (bool, np.bool_)):
             raise TypeError(
                 "enable_profiling must be a bool, not "

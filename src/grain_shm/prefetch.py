@@ -49,7 +49,7 @@ import numpy as np
 
 from grain_shm import _shm
 from grain_shm.array import SharedMemoryArray
-from grain_shm.options import MultiprocessingOptions
+from grain_shm.options import MultiprocessingOptions, checked_int
 from grain_shm.tree import _map
 
 if TYPE_CHECKING:
@@ -766,16 +766,8 @@ def _pickled(source: RandomAccessSource, transform: Optional[Transform], method:
     return pickle.dumps((source, transform))
 
 
-def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _int_or_none(name: str, value: Any, minimum: int) -> Optional[int]:
-    return None if value is None else _int(name, value, minimum)
+    return None if value is None else checked_int(name, value, minimum)
 
 
 def prefetch(
@@ -824,8 +816,8 @@ def prefetch(
     batch_size = _int_or_none("batch_size", batch_size, 1)
     num_epochs = _int_or_none("num_epochs", num_epochs, 0)
     shuffle_seed = _int_or_none("shuffle_seed", shuffle_seed, 0)
-    shard_count = _int("shard_count", shard_count, 1)
-    shard_index = _int("shard_index", shard_index, 0)
+    shard_count = checked_int("shard_count", shard_count, 1)
+    shard_index = checked_int("shard_index", shard_index, 0)
     if shard_index >= shard_count:
         raise ValueError(f"shard_index must be < shard_count ({shard_count}), got {shard_index}")
     length = len(source)
