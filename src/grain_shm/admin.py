@@ -52,8 +52,9 @@ def _human(nbytes: int) -> str:
 
 # An arena's header and block table, as _pool.h lays them out (gs_arena,
 # gs_block): magic, version, nblocks, block_bytes, data_start, arena_bytes,
-# owner_pid, owner_gone, retired, remote_frees, 3 reserved; then per block
-# its word (generation | linked | references) and nbytes.
+# owner_pid, owner_gone, retired, remote_frees, then owner_pidns and 2
+# reserved words (not read here); then per block its word (generation |
+# linked | references) and nbytes.
 ARENA_MAGIC = b"grainshm"
 ARENA_VERSION = 1
 _ARENA_HEADER = struct.Struct("=8sIIQQQqIIQ24x")
