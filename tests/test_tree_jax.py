@@ -102,3 +102,16 @@ def test_grain_shm_never_imports_jax(tmp_path):
         "assert 'jax' not in sys.modules, 'grain_shm imported jax'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env=env)
+
+
+def test_prefetch_batches_keep_every_key_its_own_column_with_jax_imported(fake_jax):
+    """jax.tree_util walks a dict by sorted key, the batcher by insertion
+    order: rebuilding a batch through jax would give "label" the images."""
+    from grain_shm import prefetch
+
+    def element(i):
+        return {"label": i, "image": np.full((2, 2), 100 + i, np.uint8)}
+
+    (batch,) = list(prefetch(range(3), element, batch_size=3))
+    assert list(batch["label"]) == [0, 1, 2]
+    assert batch["image"].shape == (3, 2, 2) and int(batch["image"][2, 0, 0]) == 102

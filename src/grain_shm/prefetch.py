@@ -50,7 +50,7 @@ import numpy as np
 from grain_shm import _shm
 from grain_shm.array import SharedMemoryArray
 from grain_shm.options import MultiprocessingOptions, checked_int
-from grain_shm.tree import _map
+from grain_shm.tree import _map, _map_builtin
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -145,7 +145,8 @@ class _Order:
 
 def _structure(tree: Any, leaves: List[Any]) -> Hashable:
     """The tree's shape (container types, keys in order), its leaves appended
-    to `leaves` in the order tree._map visits them."""
+    to `leaves` in the order tree._map_builtin visits them (jax's tree_map,
+    which tree._map uses where jax is imported, sorts dict keys)."""
     if isinstance(tree, (list, tuple)):
         return type(tree), tuple(_structure(item, leaves) for item in tree)
     if isinstance(tree, Mapping):
@@ -260,8 +261,8 @@ class _Maker:
                     )
                 filling[row] = value
         self.stats.bytes += sum(c.nbytes for c in columns if isinstance(c, np.ndarray))
-        filled = iter(columns)
-        return _map(lambda _: next(filled), first)
+        filled = iter(columns)  # in _structure's order: rebuilt by the same walk
+        return _map_builtin(lambda _: next(filled), first)
 
 
 @dataclasses.dataclass
