@@ -1,9 +1,11 @@
 """The multi-process prefetcher: MultiprocessingOptions put to work.
 
 Item k of the stream (an element, or a batch of `batch_size` consecutive
-elements) is made by worker k % num_workers, and the consumer takes item k
-from that worker's channel: so the order is the same for every worker count,
-0 included (everything in the calling process). A worker writes each array
+elements) is made by worker (k - first) % num_workers, where `first` is the
+item the workers started at (0, or where a checkpoint or close() left the
+stream), and the consumer takes item k from that worker's channel: so the
+order is the same for every worker count, 0 included (everything in the
+calling process), and a run resumes at any item. A worker writes each array
 leaf once, straight into a SharedMemoryArray (a batch is assembled in place,
 leaf by leaf), and sends only references; the consumer owns what it
 receives, so a batch's memory goes when the consumer drops it.

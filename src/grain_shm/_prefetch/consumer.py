@@ -88,6 +88,7 @@ class _Workers:
         buffer_size: int,
         profiling: bool,
     ) -> None:
+        self.first_item = first_item  # worker w makes first_item + w, + w + num_workers, ...
         self.procs: List[BaseProcess] = []
         self.channels: List[Connection] = []
         self.credits: List[Semaphore] = []
@@ -116,7 +117,7 @@ class _Workers:
 
     def receive(self, item: int) -> Any:
         """Item `item`, owned by this process; raises what its worker raised."""
-        worker = item % len(self.procs)
+        worker = (item - self.first_item) % len(self.procs)
         channel = self.channels[worker]
         if not channel.poll():
             waiting = time.perf_counter()
@@ -130,9 +131,13 @@ class _Workers:
         for array in arrays:
             array.unlink_on_del()
         self.credits[worker].release()
+        if got != item:  # not an assert: -O must not turn this into a wrong stream
+            raise RuntimeError(
+                f"prefetch worker {worker} sent item {got} where item {item} was due: its "
+                f"order and the consumer's disagree (a bug in grain_shm; please report it)"
+            )
         if isinstance(tree, _Failure):
             _raise(tree)
-        assert got == item, f"worker {worker} sent item {got} for {item}"
         if self.profile is not None and stats is not None:
             self.profile.update(worker, stats)
         return tree
