@@ -8,7 +8,8 @@ and any non-array leaves), and a semaphore per worker holding its
 costs 10-15 µs end to end, like a multiprocessing.Queue, which is noise at
 one message per batch or per multi-MiB element; but a pipe has no feeder
 thread, so a message is in the kernel once send() returns, and stopping can
-drain and unlink every reference in flight.
+drain and unlink every reference in flight. What a message is, and how the
+consumer owns its arrays as they open, is message.py's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 
+from grain_shm._prefetch import message
 from grain_shm._prefetch.maker import _Stats
 from grain_shm._prefetch.worker import _Failure, _pool_setting, _raise, _work
 
@@ -125,12 +127,16 @@ class _Workers:
             if self.profile is not None:
                 self.profile.waited_s += time.perf_counter() - waiting
         try:
-            got, tree, arrays, stats = channel.recv()
+            data = channel.recv_bytes()
         except EOFError:
             raise self._death(worker, item) from None
-        for array in arrays:
-            array.unlink_on_del()
         self.credits[worker].release()
+        try:
+            got, tree, stats = message.loads(data)  # its arrays are ours as they open
+        except BaseException as error:  # a leaf that cannot be rebuilt here, Ctrl-C
+            if hasattr(error, "add_note"):  # Python 3.11+
+                error.add_note(f"(raised unpickling item {item} from prefetch worker {worker})")
+            raise
         if got != item:  # not an assert: -O must not turn this into a wrong stream
             raise RuntimeError(
                 f"prefetch worker {worker} sent item {got} where item {item} was due: its "
@@ -189,8 +195,9 @@ class _Workers:
             remaining = deadline - time.monotonic()
             if not live or remaining <= 0:
                 break
+            open_channels = [channel for channel in self.channels if not channel.closed]
             multiprocessing.connection.wait(
-                [*self.channels, *(proc.sentinel for proc in live)], timeout=remaining
+                [*open_channels, *(proc.sentinel for proc in live)], timeout=remaining
             )
         for proc in live:
             proc.kill()  # what it held stays until the session ends (the reaper)
@@ -208,19 +215,20 @@ class _Workers:
             self.profile = None
 
     def _drain(self) -> None:
-        """Take and unlink every message waiting; forget channels at their end."""
-        open_channels = []
-        for channel in self.channels:
+        """Take and release every message waiting; close channels at their end."""
+        for worker, channel in enumerate(self.channels):
+            if channel.closed:
+                continue
             try:
                 while channel.poll():
-                    _, _, arrays, _ = channel.recv()
-                    for array in arrays:
-                        array.unlink_on_del()
-                    del arrays
-            except (EOFError, OSError):
+                    data = channel.recv_bytes()  # a whole message, or EOFError
+                    try:
+                        message.loads(data)  # dropped at once: its arrays go
+                    except Exception:  # the arrays it had opened are gone already
+                        logger.warning(
+                            "prefetch: an item in flight from worker %d failed to unpickle "
+                            "while the workers stopped; it was discarded", worker,
+                            exc_info=True,
+                        )
+            except (EOFError, OSError):  # the worker's end is closed (a killed worker: torn)
                 channel.close()
-                continue
-            except Exception:  # a torn message from a killed worker: nothing to take
-                pass
-            open_channels.append(channel)
-        self.channels = open_channels

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-from multiprocessing.reduction import ForkingPickler
 import pickle
 import signal
 import time
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 import numpy as np
 
 from grain_shm import _shm
+from grain_shm._prefetch import message
 from grain_shm._prefetch.maker import _Maker, _Stats
 from grain_shm.array import SharedMemoryArray
 
@@ -149,7 +149,7 @@ def _work(
             maker = _Maker(plan, source, transform, allocate, stats, timed=profiling)
         except Exception as error:
             with guard:
-                channel.send((item, _failure(worker, None, error), [], None))
+                channel.send_bytes(message.dumps(item, _failure(worker, None, error), [], None))
             return
         end = plan.num_items
         while end is None or item < end:
@@ -163,17 +163,18 @@ def _work(
                 tree = maker.make(item)
                 stats.alive_s = time.perf_counter() - started
                 # Pickled before sending, so that a leaf pickle refuses is this
-                # item's error; `held` and the tree share their arrays (memo).
-                message = ForkingPickler.dumps((item, tree, held, stats if profiling else None))
+                # item's error; the arrays in `held` travel as the consumer's own.
+                pickled = message.dumps(item, tree, held, stats if profiling else None)
             except Exception as error:
                 _discard(held)
                 with guard:
-                    channel.send((item, _failure(worker, maker, error), [], None))
+                    channel.send_bytes(
+                        message.dumps(item, _failure(worker, maker, error), [], None))
                 return
             with guard:
-                channel.send_bytes(message)
+                channel.send_bytes(pickled)
                 held.clear()
-            del tree, message
+            del tree, pickled
             item += num_workers
     except (_Stop, BrokenPipeError):
         pass

@@ -1,0 +1,138 @@
+"""grain_shm.prefetch: the consumer owns every array of an item from the
+moment it opens it, so an item that fails halfway through unpickling (a
+leaf that cannot be rebuilt here, Ctrl-C) leaves none of its arrays behind,
+with fresh segments and with the pool; and the failure is raised at that
+item's position."""
+
+import gc
+import logging
+
+import numpy as np
+import pytest
+from conftest import own_entries, run_python
+
+from grain_shm import MultiprocessingOptions, prefetch
+
+
+def explode(kind):
+    """Rebuilds a `Refuses` leaf: only ever called in the consumer, which
+    unpickles what the workers made."""
+    raise {"error": LookupError, "interrupt": KeyboardInterrupt}[kind](
+        "this leaf cannot be rebuilt in the consumer")
+
+
+class Refuses:
+    """A leaf that pickles in the worker and raises when unpickled."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def __reduce__(self):
+        return explode, (self.kind,)
+
+
+def fails_at_three(kind, i):
+    # Arrays on both sides of the leaf: the first is opened before it fails.
+    return {"before": np.full(4096, i, np.uint8), "leaf": Refuses(kind) if i == 3 else None,
+            "after": np.full(4096, i, np.uint8)}
+
+
+def identity(i):
+    return i
+
+
+@pytest.mark.parametrize("batch_size", [None, 2], ids=["elements", "batches"])
+@pytest.mark.parametrize("kind, raised", [("error", LookupError),
+                                          ("interrupt", KeyboardInterrupt)])
+def test_an_item_that_fails_to_unpickle_leaves_none_of_its_arrays(kind, raised, batch_size):
+    import functools
+
+    before = own_entries()
+    got = []
+    stream = prefetch(list(range(8)), functools.partial(fails_at_three, kind),
+                      options=MultiprocessingOptions(2, 2), batch_size=batch_size,
+                      mp_context="fork")
+    with pytest.raises(raised, match="cannot be rebuilt in the consumer") as error:
+        for item in stream:
+            got.append(np.asarray(item["before"])[..., 0].tolist())
+    assert got == ([0, 1, 2] if batch_size is None else [[0, 1]])  # up to the failing item
+    if hasattr(error.value, "add_note"):  # Python 3.11+
+        failing_item = 3 if batch_size is None else 1
+        assert f"item {failing_item} from prefetch worker 1" in "".join(error.value.__notes__)
+    del item
+    gc.collect()
+    # The exception (still alive here, with its traceback) holds nothing of it.
+    assert own_entries() - before == set()
+
+
+POOLED = """
+    import functools, gc, os, sys
+    import numpy as np
+    import grain_shm.array
+    from grain_shm import MultiprocessingOptions, _shm, prefetch, session
+    from test_prefetch_ownership import fails_at_three
+
+    opened = []  # element 3's blocks the consumer opened, to ask the pool about them
+    real_rebuild_block = grain_shm.array._rebuild_block
+
+    def recording(name, shape, dtype, strides, offset, index, generation, *cls):
+        array = real_rebuild_block(name, shape, dtype, strides, offset, index, generation, *cls)
+        if array[0] == 3:
+            opened.append((name, index, generation))
+        return array
+
+    def ours():
+        return {n for n in os.listdir("/dev/shm") if n.startswith(session.name_prefix())}
+
+    if __name__ == "__main__":
+        assert _shm.pool_stats()["max_bytes"] > 0
+        grain_shm.array._rebuild_block = recording
+        stream = prefetch(list(range(8)), functools.partial(fails_at_three, "error"),
+                          options=MultiprocessingOptions(2, 2), mp_context=sys.argv[1])
+        got = []
+        try:
+            for item in stream:
+                got.append(int(item["before"][0]))
+                del item
+        except LookupError as error:
+            print("raised after", got)
+        gc.collect()
+        print("opened", len(opened))
+        print("blocks", ";".join(str(_shm.block_state(*block)) for block in opened))
+        print("left", len(ours()))
+"""
+
+
+def test_with_the_pool_its_blocks_are_freed_and_the_arenas_go():
+    proc = run_python(POOLED, env={"GRAIN_SHM_RECYCLE": "1"}, timeout=90, args=("spawn",))
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "raised after [0, 1, 2]"
+    assert lines[1] == "opened 2"  # both of element 3's arrays, before its leaf failed
+    # Free (generation moved on), or unlinked with no reference: the owner
+    # may reuse them, and their arena can retire.
+    assert all(state in ("None", "(False, 0)")
+               for state in lines[2].removeprefix("blocks ").split(";")), lines[2]
+    assert lines[3] == "left 0"  # the workers' arenas went with them
+
+
+def test_what_fails_to_unpickle_while_stopping_is_logged_and_released(caplog):
+    """Items in flight when the stream stops are drained; one that fails to
+    unpickle then is logged, not hidden, and its arrays released."""
+    import functools
+    import time
+
+    caplog.set_level(logging.WARNING, logger="grain_shm.prefetch")
+    before = own_entries()
+    stream = prefetch(list(range(8)), functools.partial(fails_at_three, "error"),
+                      options=MultiprocessingOptions(2, 2), mp_context="fork")
+    with stream:
+        next(stream)  # item 0; items 1-4 are made meanwhile, 3 among them
+        deadline = time.monotonic() + 30
+        while not all(c.poll() for c in stream._workers.channels) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # both buffers full: item 3 is in flight
+    gc.collect()
+    assert own_entries() - before == set()
+    records = [r for r in caplog.records if r.name == "grain_shm.prefetch"]
+    assert any(r.exc_info and "cannot be rebuilt in the consumer" in str(r.exc_info[1])
+               for r in records), [r.getMessage() for r in records]
