@@ -103,6 +103,8 @@ class Prefetcher(Iterator[Any]):
                     )
                 raise
         else:
+            if self._workers is not None and self._workers.forgotten:
+                self.close()  # a forked child's copy: it reads on with workers of its own
             if self._workers is None:
                 self._start()
             assert self._workers is not None

@@ -17,8 +17,11 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.process
+import os
 import signal
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 
 from grain_shm._prefetch import message
@@ -78,7 +81,13 @@ class _Profile:
 
 
 class _Workers:
-    """One run of worker processes: their channels, credits, and how to stop them."""
+    """One run of worker processes: their channels, credits, and how to stop them.
+
+    They are the starting process's only: in a child forked from it (by
+    os.fork, a multiprocessing fork, subprocess's preexec_fn) the workers are
+    forgotten at once (`_forget_in_fork_children`), so that nothing there,
+    our finalizer or multiprocessing's exit handler, signals, drains or joins
+    the parent's workers."""
 
     def __init__(
         self,
@@ -91,11 +100,14 @@ class _Workers:
         profiling: bool,
     ) -> None:
         self.first_item = first_item  # worker w makes first_item + w, + w + num_workers, ...
+        self.pid = os.getpid()  # the process that started the workers, and may stop them
+        self.forgotten = False  # in a forked child: the workers are the parent's
         self.procs: List[BaseProcess] = []
         self.channels: List[Connection] = []
         self.credits: List[Semaphore] = []
         self.exited: set[int] = set()  # workers that ended well (exit code 0)
         self.profile = _Profile(num_workers) if profiling else None
+        _running.add(self)
         pool = _pool_setting()
         try:
             for worker in range(num_workers):
@@ -181,9 +193,24 @@ class _Workers:
             f"for item {item}"
         )
 
+    def forget(self) -> None:
+        """In a forked child: drop the parent's workers untouched, also from
+        multiprocessing's list of this process's children (inherited by the
+        fork), which its exit handler would terminate and join."""
+        children = getattr(multiprocessing.process, "_children", None)
+        if isinstance(children, set):
+            children.difference_update(self.procs)
+        self.procs, self.channels, self.credits = [], [], []  # this copy's fds close with them
+        self.profile = None
+        self.forgotten = True
+
     def stop(self) -> None:
         """Stop every worker (each unlinks what it holds), then unlink whatever
-        they sent that the consumer never took. Within about _STOP_GRACE_S."""
+        they sent that the consumer never took. Within about _STOP_GRACE_S.
+        Only in the process that started them."""
+        if os.getpid() != self.pid:  # a child forked without at-fork hooks
+            self.forget()
+            return
         for proc in self.procs:
             if proc.pid is not None and proc.exitcode is None:
                 proc.terminate()
@@ -232,3 +259,14 @@ class _Workers:
                         )
             except (EOFError, OSError):  # the worker's end is closed (a killed worker: torn)
                 channel.close()
+
+
+_running: weakref.WeakSet[_Workers] = weakref.WeakSet()  # this process's runs of workers
+
+
+def _forget_in_fork_children() -> None:
+    for workers in list(_running):
+        workers.forget()
+
+
+os.register_at_fork(after_in_child=_forget_in_fork_children)
