@@ -54,8 +54,11 @@ def test_a_state_taken_after_any_item_resumes_at_the_next(num_workers, batch_siz
     for position, state in enumerate(states):
         resumed = stream(num_workers, batch_size)
         resumed.set_state(state)
-        got = [plain(item) for item in resumed]
-        assert got == reference[position:], f"resumed at item {position}"
+        with resumed:
+            got = [plain(next(resumed)) for _ in reference[position:]]
+            assert got == reference[position:], f"resumed at item {position}"
+            with pytest.raises(StopIteration):
+                next(resumed)
 
 
 @pytest.mark.parametrize("batch_size", [None, 3], ids=["elements", "batches"])

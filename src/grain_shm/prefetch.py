@@ -21,6 +21,7 @@ consumer's side (consumer).
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import pickle
 import weakref
@@ -57,6 +58,11 @@ class Prefetcher(Iterator[Any]):
     `close()` (also on `with` exit, on garbage collection, and on an error)
     stops them and releases everything in flight. Batches from workers are
     SharedMemoryArrays this process owns: their memory goes when they do.
+
+    As a DataLoader: `len()` is the number of items a pass yields, and
+    iterating again after a pass's last item starts the next pass (the next
+    `num_epochs` epochs, each in its own order); `next()` on a finished pass
+    keeps raising StopIteration, as an iterator does.
     """
 
     def __init__(
@@ -70,6 +76,8 @@ class Prefetcher(Iterator[Any]):
     ) -> None:
         self._options = options
         self._plan = plan
+        self._source, self._transform = source, transform
+        self._epoch = 0  # passes begun before this one (each num_epochs epochs of the shard)
         self._ctx = ctx
         self._fingerprint = fingerprint
         self._next = 0
@@ -85,7 +93,20 @@ class Prefetcher(Iterator[Any]):
             self._payload = _pickled(source, transform, ctx.get_start_method())
 
     def __iter__(self) -> Prefetcher:
+        end = self._plan.num_items
+        if end and self._next >= end:  # a new loop over a finished pass: the next one
+            self._seek(self._epoch + 1, 0)
         return self
+
+    def __len__(self) -> int:
+        """Items per pass: after sharding, batching and drop_remainder."""
+        items = self._plan.num_items
+        if items is None:
+            raise TypeError("an endless prefetcher (num_epochs=None) has no len()")
+        return items
+
+    def __bool__(self) -> bool:
+        return True  # an iterator, whatever its len()
 
     def __next__(self) -> Any:
         end = self._plan.num_items
@@ -144,11 +165,13 @@ class Prefetcher(Iterator[Any]):
 
     def get_state(self) -> Dict[str, Any]:
         """Where the stream stands: a small JSON-serialisable dict."""
-        return {"version": STATE_VERSION, "next_index": self._next, **self._fingerprint}
+        return {"version": STATE_VERSION, "epoch": self._epoch, "next_index": self._next,
+                **self._fingerprint}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        """Resume at the item after the one `state` was taken at, whatever
-        num_workers is. The other arguments must be those `state` came from."""
+        """Resume at the item after the one `state` was taken at, in its pass,
+        whatever num_workers is. The other arguments must be those `state`
+        came from. (A state of before passes were recorded is pass 0.)"""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"not a prefetcher state of version {STATE_VERSION}: {state!r}")
         for key, value in self._fingerprint.items():
@@ -157,11 +180,21 @@ class Prefetcher(Iterator[Any]):
                     f"the state was taken with {key}={state.get(key)!r}; this prefetcher "
                     f"has {key}={value!r}"
                 )
-        next_index = state.get("next_index")
-        if isinstance(next_index, bool) or not isinstance(next_index, int) or next_index < 0:
-            raise ValueError(f"next_index must be an int >= 0, not {next_index!r}")
+        positions = {"next_index": state.get("next_index"), "epoch": state.get("epoch", 0)}
+        for key, value in positions.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key} must be an int >= 0, not {value!r}")
+        self._seek(positions["epoch"], positions["next_index"])
+
+    def _seek(self, epoch: int, next_index: int) -> None:
+        """Stand before item `next_index` of pass `epoch`."""
         self.close()
+        num_epochs = self._plan.num_epochs or 0  # an endless stream has one pass
+        self._plan = dataclasses.replace(self._plan, first_epoch=epoch * num_epochs)
+        self._epoch = epoch if num_epochs else 0
         self._next = next_index
+        if self._inline is not None:
+            self._inline = _Maker(self._plan, self._source, self._transform, None, _Stats())
 
 
 def _pickled(source: RandomAccessSource, transform: Optional[Transform], method: str) -> bytes:

@@ -12,9 +12,10 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """The stream, the same in every process: epochs of the shard (each
-    shuffled by its own permutation if seeded), concatenated, then cut into
-    items of `batch_size` positions (batches may span epochs)."""
+    """One pass of the stream, the same in every process: `num_epochs`
+    epochs of the shard from `first_epoch` on (each shuffled by its own
+    permutation if seeded), concatenated, then cut into items of
+    `batch_size` positions (batches may span epochs, not passes)."""
 
     start: int  # the shard is source[start:start + size]
     size: int
@@ -22,6 +23,7 @@ class _Plan:
     shuffle_seed: Optional[int]
     batch_size: Optional[int]
     drop_remainder: bool
+    first_epoch: int = 0  # pass p of a prefetcher starts at epoch p * num_epochs
 
     @property
     def num_items(self) -> Optional[int]:
@@ -52,7 +54,8 @@ class _Order:
 
     def _permutation_of(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            rng = np.random.default_rng([cast(int, self._plan.shuffle_seed), epoch])
+            seed = [cast(int, self._plan.shuffle_seed), self._plan.first_epoch + epoch]
+            rng = np.random.default_rng(seed)
             self._permutation = rng.permutation(self._plan.size)
             self._epoch = epoch
         return self._permutation
