@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import pickle
 import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Protocol, Tuple, Union
 
 from grain_shm._prefetch.consumer import _Workers
 from grain_shm._prefetch.maker import _Maker, _Stats
+from grain_shm._prefetch.payload import pickled
 from grain_shm._prefetch.plan import _Plan
 from grain_shm.options import MultiprocessingOptions, checked_int
 
@@ -90,7 +90,7 @@ class Prefetcher(Iterator[Any]):
         elif ctx.get_start_method() == "fork":
             self._payload = (source, transform)
         else:
-            self._payload = _pickled(source, transform, ctx.get_start_method())
+            self._payload = pickled(source, transform, ctx.get_start_method())
 
     def __iter__(self) -> Prefetcher:
         end = self._plan.num_items
@@ -197,20 +197,6 @@ class Prefetcher(Iterator[Any]):
             self._inline = _Maker(self._plan, self._source, self._transform, None, _Stats())
 
 
-def _pickled(source: RandomAccessSource, transform: Optional[Transform], method: str) -> bytes:
-    """(source, transform) pickled once for every worker; TypeError if it cannot be."""
-    for what, value in (("source", source), ("transform", transform)):
-        try:
-            pickle.dumps(value)
-        except Exception as error:
-            raise TypeError(
-                f"the {what} cannot be pickled, which the {method!r} start method needs to "
-                f"send it to the workers ({type(error).__name__}: {error}); define it at "
-                f"module level, or use mp_context='fork'"
-            ) from error
-    return pickle.dumps((source, transform))
-
-
 def _int_or_none(name: str, value: Any, minimum: int) -> Optional[int]:
     return None if value is None else checked_int(name, value, minimum)
 
@@ -250,7 +236,9 @@ def prefetch(
       mp_context: "spawn", "forkserver", "fork" or a multiprocessing context.
 
     Raises:
-      TypeError: a source or transform that the start method cannot pickle.
+      TypeError: a source or transform that the start method cannot pickle,
+        or that uses a function or class of a `__main__` its workers cannot
+        import (python -c, stdin, an interactive session, a notebook).
       ValueError: enable_profiling with num_workers=0, or bad arguments.
     """
     options = MultiprocessingOptions(  # Grain's options too; validated here
