@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import own_entries, run_python
 
-from grain_shm import MultiprocessingOptions, prefetch
+from grain_shm import MultiprocessingOptions, _shm, prefetch
 
 
 def explode(kind):
@@ -62,6 +62,48 @@ def test_an_item_that_fails_to_unpickle_leaves_none_of_its_arrays(kind, raised, 
     del item
     gc.collect()
     # The exception (still alive here, with its traceback) holds nothing of it.
+    assert own_entries() - before == set()
+
+
+def three_arrays(i):
+    return {"a": np.full(4096, i, np.uint8), "b": np.full(7, i, np.uint8),
+            "c": np.full(4096, i, np.uint8)}
+
+
+_opened_b = []  # names of the (7,)-shaped arrays the consumer opened
+
+
+def unlinked_before_opening(name, shape, *rest):
+    """grain_shm.array._rebuild, but element 3's middle array is unlinked first."""
+    import grain_shm.array
+
+    if tuple(shape) == (7,):
+        _opened_b.append(name)
+        if len(_opened_b) == 4:  # element 3's
+            _shm.unlink(name)
+    return grain_shm.array._map(grain_shm.SharedMemoryArray, name, shape, *rest)
+
+
+def test_an_array_that_cannot_be_opened_leaves_none_of_the_others(monkeypatch, fresh_segments):
+    """Element 3's middle array is gone (unlinked by someone) when the
+    consumer opens it: the error is raised at item 3 and the element's other
+    arrays, one opened before it and one after, are released, even while the
+    error (and its traceback) lives."""
+    import grain_shm.array
+
+    _opened_b.clear()
+    monkeypatch.setattr(grain_shm.array, "_rebuild", unlinked_before_opening)  # fork: in both
+    before = own_entries()
+    got = []
+    with pytest.raises(FileNotFoundError) as error:
+        for item in prefetch(list(range(8)), three_arrays, options=MultiprocessingOptions(2, 2),
+                             mp_context="fork"):
+            got.append(int(item["a"][0]))
+    assert got == [0, 1, 2]
+    if hasattr(error.value, "add_note"):
+        assert "item 3 from prefetch worker 1" in "".join(error.value.__notes__)
+    del item
+    gc.collect()
     assert own_entries() - before == set()
 
 

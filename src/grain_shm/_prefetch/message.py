@@ -81,16 +81,16 @@ def _open(references: List[Reference]) -> List[SharedMemoryArray]:
     """Open the worker's arrays, each owned as soon as it is open. One that
     cannot be opened does not stop the others (they are opened, so that
     dropping them releases them); the first such error is raised after."""
-    arrays = []
+    arrays: List[SharedMemoryArray] = []
     failed: Optional[Exception] = None
     for rebuild, arguments in references:
         try:
-            array = rebuild(*arguments)
+            arrays.append(rebuild(*arguments))
         except Exception as error:  # its name is the session reaper's now
             failed = failed or error
             continue
-        array.unlink_on_del()
-        arrays.append(array)
+        arrays[-1].unlink_on_del()
     if failed is not None:
+        arrays.clear()  # released now, not when the error's traceback (this frame) goes
         raise failed
     return arrays
