@@ -7,16 +7,18 @@ stream), and the consumer takes item k from that worker's channel: so the
 order is the same for every worker count, 0 included (everything in the
 calling process), and a run resumes at any item. A worker writes each array
 leaf once, straight into a SharedMemoryArray (a batch is assembled in place,
-leaf by leaf), and sends only references; the consumer owns what it
-receives, so a batch's memory goes when the consumer drops it.
+leaf by leaf), and sends only references; the consumer owns each array
+from the moment it opens it, so a batch's memory goes when the consumer
+drops it, or when its item fails halfway through unpickling.
 
 Workers take their arrays from the pool of recycled memory exactly when
 the consumer does: the consumer's setting is passed to them,
 whatever their environment says.
 
-This module is the public API; its parts live in grain_shm._prefetch: the
-order (plan), making items (maker), the worker process (worker) and the
-consumer's side (consumer).
+This module is the public API and the stream's position (pass and item);
+its parts live in grain_shm._prefetch: the order (plan), making items
+(maker), what spawned workers are sent (payload), the worker process
+(worker), one item's message (message) and the consumer's side (consumer).
 """
 
 from __future__ import annotations
