@@ -161,18 +161,16 @@ def test_what_fails_to_unpickle_while_stopping_is_logged_and_released(caplog):
     """Items in flight when the stream stops are drained; one that fails to
     unpickle then is logged, not hidden, and its arrays released."""
     import functools
-    import time
 
     caplog.set_level(logging.WARNING, logger="grain_shm.prefetch")
     before = own_entries()
     stream = prefetch(list(range(8)), functools.partial(fails_at_three, "error"),
                       options=MultiprocessingOptions(2, 2), mp_context="fork")
     with stream:
-        next(stream)  # item 0; items 1-4 are made meanwhile, 3 among them
-        deadline = time.monotonic() + 30
-        while not all(c.poll() for c in stream._workers.channels) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.2)  # both buffers full: item 3 is in flight
+        assert [int(next(stream)["before"][0]) for _ in range(3)] == [0, 1, 2]
+        # Item 3 is worker 1's next message: once its pipe is readable, the
+        # message is being sent, and stopping waits for the send to end.
+        assert stream._workers.channels[1].poll(30)
     gc.collect()
     assert own_entries() - before == set()
     records = [r for r in caplog.records if r.name == "grain_shm.prefetch"]
