@@ -1,0 +1,272 @@
+"""The consumer's side: one run of worker processes, receiving item k from
+the worker that made it, waiting (a worker's death shows at once on its
+sentinel), stopping and draining.
+
+The channel is a pipe per worker, one pickled message per item (references
+and any non-array leaves), and a semaphore per worker holding its
+`per_worker_buffer_size` credits. Measured on the 2-core machine, a message
+costs 10-15 µs end to end, like a multiprocessing.Queue, which is noise at
+one message per batch or per multi-MiB element; but a pipe has no feeder
+thread, so a message is in the kernel once send() returns, and stopping can
+drain and unlink every reference in flight. What a message is, and how the
+consumer owns its arrays as they open, is message.py's.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.process
+import os
+import signal
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
+
+from grain_shm._prefetch import message
+from grain_shm._prefetch.maker import _Stats
+from grain_shm._prefetch.worker import _Failure, _pool_setting, _raise, _work
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.context import BaseContext
+    from multiprocessing.process import BaseProcess
+    from multiprocessing.synchronize import Semaphore
+
+    from grain_shm._prefetch.maker import Transform
+    from grain_shm._prefetch.plan import _Plan
+    from grain_shm.prefetch import RandomAccessSource
+
+logger = logging.getLogger("grain_shm.prefetch")
+
+_STOP_GRACE_S = 0.5  # after SIGTERM, before SIGKILL
+_PROFILE_EVERY_S = 5.0
+
+
+class _Profile:
+    """Per-worker figures from the stats the workers send, logged every few seconds."""
+
+    def __init__(self, num_workers: int) -> None:
+        self.started = time.perf_counter()
+        self.last_log = self.started
+        self.stats: List[Optional[_Stats]] = [None] * num_workers
+        self.waited_s = 0.0
+
+    def update(self, worker: int, stats: _Stats) -> None:
+        self.stats[worker] = stats
+        if time.perf_counter() - self.last_log >= _PROFILE_EVERY_S:
+            self.log()
+
+    def log(self, final: bool = False) -> None:
+        now = time.perf_counter()
+        self.last_log = now
+        when = "at the end" if final else "so far"
+        for worker, stats in enumerate(self.stats):
+            if stats is None:
+                continue
+            alive = max(stats.alive_s, 1e-9)
+            logger.info(
+                "prefetch worker %d %s: %.1f elements/s, %.1f MB/s, %.2f s in transform "
+                "(%.0f%%), %.2f s reading the source, %.2f s blocked on a full buffer (%.0f%%)",
+                worker, when, stats.elements / alive, stats.bytes / alive / 1e6,
+                stats.transform_s, 100 * stats.transform_s / alive, stats.read_s,
+                stats.blocked_s, 100 * stats.blocked_s / alive,
+            )
+        elapsed = max(now - self.started, 1e-9)
+        logger.info(
+            "prefetch consumer %s: %.2f s waiting for data (%.0f%% of %.2f s)",
+            when, self.waited_s, 100 * self.waited_s / elapsed, elapsed,
+        )
+
+
+class _Workers:
+    """One run of worker processes: their channels, credits, and how to stop them.
+
+    They are the starting process's only: in a child forked from it (by
+    os.fork, a multiprocessing fork, subprocess's preexec_fn) the workers are
+    forgotten at once (`_forget_in_fork_children`), so that nothing there,
+    our finalizer or multiprocessing's exit handler, signals, drains or joins
+    the parent's workers."""
+
+    def __init__(
+        self,
+        ctx: BaseContext,
+        num_workers: int,
+        first_item: int,
+        plan: _Plan,
+        payload: Union[bytes, Tuple[RandomAccessSource, Optional[Transform]]],
+        buffer_size: int,
+        profiling: bool,
+    ) -> None:
+        self.first_item = first_item  # worker w makes first_item + w, + w + num_workers, ...
+        self.pid = os.getpid()  # the process that started the workers, and may stop them
+        self.forgotten = False  # in a forked child: the workers are the parent's
+        self.procs: List[BaseProcess] = []
+        self.channels: List[Connection] = []
+        self.credits: List[Semaphore] = []
+        self.exited: set[int] = set()  # workers that ended well (exit code 0)
+        self.profile = _Profile(num_workers) if profiling else None
+        _running.add(self)
+        pool = _pool_setting()
+        try:
+            for worker in range(num_workers):
+                receive, send = ctx.Pipe(duplex=False)
+                credits = ctx.Semaphore(buffer_size)
+                proc = ctx.Process(  # type: ignore[attr-defined]
+                    target=_work,
+                    args=(worker, num_workers, first_item + worker, plan, payload, send,
+                          credits, profiling, pool),
+                    name=f"grain_shm-prefetch-{worker}",
+                    daemon=True,
+                )
+                self.procs.append(proc)
+                self.channels.append(receive)
+                self.credits.append(credits)
+                proc.start()
+                send.close()  # the worker's end: only the worker holds it now
+        except BaseException:
+            self.stop()
+            raise
+
+    def receive(self, item: int) -> Any:
+        """Item `item`, owned by this process; raises what its worker raised."""
+        worker = (item - self.first_item) % len(self.procs)
+        channel = self.channels[worker]
+        if not channel.poll():
+            waiting = time.perf_counter()
+            self._wait_for(worker, item)
+            if self.profile is not None:
+                self.profile.waited_s += time.perf_counter() - waiting
+        try:
+            data = channel.recv_bytes()
+        except EOFError:
+            raise self._death(worker, item) from None
+        self.credits[worker].release()
+        try:
+            got, tree, stats = message.loads(data)  # its arrays are ours as they open
+        except BaseException as error:  # a leaf that cannot be rebuilt here, Ctrl-C
+            if hasattr(error, "add_note"):  # Python 3.11+
+                error.add_note(f"(raised unpickling item {item} from prefetch worker {worker})")
+            raise
+        if got != item:  # not an assert: -O must not turn this into a wrong stream
+            raise RuntimeError(
+                f"prefetch worker {worker} sent item {got} where item {item} was due: its "
+                f"order and the consumer's disagree (a bug in grain_shm; please report it)"
+            )
+        if isinstance(tree, _Failure):
+            _raise(tree)
+        if self.profile is not None and stats is not None:
+            self.profile.update(worker, stats)
+        return tree
+
+    def _wait_for(self, worker: int, item: int) -> None:
+        """Until `worker`'s channel is readable; a worker that died is an error now."""
+        channel = self.channels[worker]
+        while True:
+            watched = {
+                proc.sentinel: w for w, proc in enumerate(self.procs) if w not in self.exited
+            }
+            ready = multiprocessing.connection.wait([channel, *watched])
+            if channel in ready:
+                return
+            for sentinel in ready:
+                w = watched[sentinel]  # type: ignore[index]
+                self.procs[w].join(timeout=1.0)  # its sentinel closes just before it is reaped
+                if self.procs[w].exitcode != 0 or (w == worker and not channel.poll()):
+                    raise self._death(w, item)
+                self.exited.add(w)
+
+    def _death(self, worker: int, item: int) -> RuntimeError:
+        proc = self.procs[worker]
+        proc.join(timeout=1.0)
+        code = proc.exitcode
+        if code is not None and code < 0:
+            try:
+                how = f"was killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        return RuntimeError(
+            f"prefetch worker {worker} (pid {proc.pid}) {how}; the consumer was waiting "
+            f"for item {item}"
+        )
+
+    def forget(self) -> None:
+        """In a forked child: drop the parent's workers untouched, also from
+        multiprocessing's list of this process's children (inherited by the
+        fork), which its exit handler would terminate and join."""
+        children = getattr(multiprocessing.process, "_children", None)
+        if isinstance(children, set):
+            children.difference_update(self.procs)
+        self.procs, self.channels, self.credits = [], [], []  # this copy's fds close with them
+        self.profile = None
+        self.forgotten = True
+
+    def stop(self) -> None:
+        """Stop every worker (each unlinks what it holds), then unlink whatever
+        they sent that the consumer never took. Within about _STOP_GRACE_S.
+        Only in the process that started them."""
+        if os.getpid() != self.pid:  # a child forked without at-fork hooks
+            self.forget()
+            return
+        for proc in self.procs:
+            if proc.pid is not None and proc.exitcode is None:
+                proc.terminate()
+        deadline = time.monotonic() + _STOP_GRACE_S
+        live = [proc for proc in self.procs if proc.pid is not None]
+        while True:
+            self._drain()  # a worker blocked on a full pipe gets to finish its send
+            live = [proc for proc in live if proc.exitcode is None]
+            remaining = deadline - time.monotonic()
+            if not live or remaining <= 0:
+                break
+            open_channels = [channel for channel in self.channels if not channel.closed]
+            multiprocessing.connection.wait(
+                [*open_channels, *(proc.sentinel for proc in live)], timeout=remaining
+            )
+        for proc in live:
+            proc.kill()  # what it held stays until the session ends (the reaper)
+        for proc in self.procs:
+            if proc.pid is not None:
+                proc.join()
+        self._drain()
+        for channel in self.channels:
+            channel.close()
+        for proc in self.procs:
+            proc.close()
+        self.procs, self.channels, self.credits = [], [], []
+        if self.profile is not None:
+            self.profile.log(final=True)
+            self.profile = None
+
+    def _drain(self) -> None:
+        """Take and release every message waiting; close channels at their end."""
+        for worker, channel in enumerate(self.channels):
+            if channel.closed:
+                continue
+            try:
+                while channel.poll():
+                    data = channel.recv_bytes()  # a whole message, or EOFError
+                    try:
+                        message.loads(data)  # dropped at once: its arrays go
+                    except Exception:  # the arrays it had opened are gone already
+                        logger.warning(
+                            "prefetch: an item in flight from worker %d failed to unpickle "
+                            "while the workers stopped; it was discarded", worker,
+                            exc_info=True,
+                        )
+            except (EOFError, OSError):  # the worker's end is closed (a killed worker: torn)
+                channel.close()
+
+
+_running: weakref.WeakSet[_Workers] = weakref.WeakSet()  # this process's runs of workers
+
+
+def _forget_in_fork_children() -> None:
+    for workers in list(_running):
+        workers.forget()
+
+
+os.register_at_fork(after_in_child=_forget_in_fork_children)
