@@ -164,6 +164,20 @@ class TorchSource:
         return self.make(index)
 
 
+class _IndicesUntil:
+    """The DataLoader's sampler, which runs in the consumer's process: 0, 1,
+    2, ... until `stopping` is set."""
+
+    def __init__(self, stopping: threading.Event) -> None:
+        self.stopping = stopping
+
+    def __iter__(self) -> Iterator[int]:
+        for index in itertools.count():
+            if self.stopping.is_set():
+                return
+            yield index
+
+
 def _torch(nbytes: int) -> Stream:
     try:  # Any to mypy: the same check with torch installed or not (and no pass over torch)
         data: Any = importlib.import_module("torch.utils.data")
@@ -172,9 +186,10 @@ def _torch(nbytes: int) -> Stream:
             "torch is not installed (pip install torch; the CPU build is enough: it is not "
             "among grain_shm's extras, where it would pull a CUDA build)"
         ) from None
+    stopping = threading.Event()
     loader = data.DataLoader(
-        TorchSource(nbytes), batch_size=batch_size(nbytes), num_workers=WORKERS,
-        prefetch_factor=IN_FLIGHT, multiprocessing_context="spawn",
+        TorchSource(nbytes), batch_size=batch_size(nbytes), sampler=_IndicesUntil(stopping),
+        num_workers=WORKERS, prefetch_factor=IN_FLIGHT, multiprocessing_context="spawn",
     )
     iterator = iter(loader)
 
@@ -182,9 +197,15 @@ def _torch(nbytes: int) -> Stream:
         for tensor in iterator:
             yield tensor.numpy()  # a view of the tensor's shared memory: no copy
 
-    # What the iterator's __del__ calls (there is no public close): the
-    # workers stop now, not whenever the generator is collected.
-    stop: Callable[[], None] = getattr(iterator, "_shutdown_workers", lambda: None)
+    def stop() -> None:
+        # Ends the indices, takes the few items in flight, and the loader
+        # stops its workers once they are idle. Stopped while one of them
+        # still sends a 4 MiB tensor, a worker can die of SIGABRT ("terminate
+        # called without an active exception"), about one run in four here.
+        stopping.set()
+        for _ in iterator:
+            pass
+
     return items(), stop
 
 
