@@ -83,7 +83,7 @@ def nodes(tmp_path_factory):
     entries that the launch left behind (judged by its own test: this
     fixture is set up before the per-test leak check starts)."""
     before = own_entries()
-    for attempt in range(3):
+    for _ in range(3):  # a port taken between free_port() and torchrun: another one
         out_dir = str(tmp_path_factory.mktemp("nodes"))
         failed, port_taken = launch(out_dir)
         if not port_taken:
