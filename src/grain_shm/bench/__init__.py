@@ -57,6 +57,10 @@ BUDGETS = {
 # instead of dying of SIGBUS or ENOSPC half-way.
 ROOM_SPARE = 4
 
+# What --transports chooses from: the transports, and the pipeline's peers
+# that are none (PyTorch's DataLoader), which only the pipeline runs.
+CHOICES = [*TRANSPORTS, *pipeline.OWN_VARIANTS]
+
 
 def _array_bytes(section: str, size: int) -> int:
     """The bytes of one shared array of a cell of `size`: the pipeline sends
@@ -137,8 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", type=lambda t: sorted({parse_size(s) for s in t.split(",")}),
                         help="array sizes for every section, e.g. 4K,1M,128M "
                         "(default: transfer 4K..128M, the others 64..16M)")
-    parser.add_argument("--transports", type=_choices(list(TRANSPORTS)), default=list(TRANSPORTS),
-                        help=f"comma-separated, from {','.join(TRANSPORTS)}")
+    parser.add_argument("--transports", type=_choices(CHOICES), default=CHOICES,
+                        help=f"comma-separated, from {','.join(CHOICES)} (torch: the "
+                        "pipeline's DataLoader only)")
     parser.add_argument("--sections", type=_choices(list(SECTIONS)), default=list(SECTIONS),
                         help=f"comma-separated, from {','.join(SECTIONS)}")
     parser.add_argument("--queue-depth", type=_depth, default=transfer.QUEUE_DEPTH, metavar="N",
@@ -184,7 +189,7 @@ def plan(
             cells += [Cell(section, t, (size,), budget, least, depth)
                       for size in _fitting(section, args.sizes or TRANSFER_SIZES, room, left_out,
                                            factor)
-                      for t in args.transports]
+                      for t in args.transports if t in TRANSPORTS]
         elif section == "pipeline":
             cells += [Cell(section, v, (size,), budget, least)
                       for size in _fitting(section, args.sizes or pipeline.SIZES, room,
@@ -194,7 +199,8 @@ def plan(
             sizes = _fitting(section, args.sizes or MICRO_SIZES, room,
                              {} if "cfd" in chosen and section == "release" else left_out,
                              fixed)
-            cells += [Cell(section, t, sizes, budget, least) for t in args.transports if sizes]
+            cells += [Cell(section, t, sizes, budget, least)
+                      for t in args.transports if t in TRANSPORTS and sizes]
     return cells
 
 
@@ -234,7 +240,7 @@ def main(argv: Sequence[str]) -> int:
     doc["config"] = {
         "quick": args.quick,
         "sections": args.sections,
-        "transports": args.transports,
+        "transports": [t for t in args.transports if t in TRANSPORTS],  # the tables' columns
         "transfer_sizes": sorted({c.sizes[0] for c in cells if c.section == "transfer"}),
         "micro_sizes": list(_fitting("cfd", args.sizes or MICRO_SIZES, room, {},
                                      room_factor(transfer.QUEUE_DEPTH))),

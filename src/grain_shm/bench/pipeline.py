@@ -8,10 +8,15 @@ travel in batches of BATCH elements, assembled in the workers. Compared:
 - grain_shm: `grain_shm.prefetch` (fresh segments), and grain_shm-recycle,
   the same with the pool on;
 - grain: Grain's `MapDataset.map(...).batch(...).to_iter_dataset().mp_prefetch()`;
+- torch: PyTorch's `DataLoader` (spawn context; `batch_size=None` for large
+  elements, the default collate for batches, which stacks them into shared
+  memory in the worker), where torch is installed: skipped with a note
+  elsewhere, and imported only by this variant's cell process;
 - pickle: `multiprocessing.Pool.imap`, results pickled through its pipes.
 
 Every one holds at most IN_FLIGHT items per worker ahead of the consumer
-(Pool.imap has no bound of its own: its task feed is throttled to that).
+(the DataLoader's prefetch_factor; Pool.imap has no bound of its own: its
+task feed is throttled to that).
 Items/s are taken from the consumer's arrival times in steady state, from
 the first item on (start-up, the time to the first item, is reported apart),
 and the consumer's share of time spent waiting inside `next()`.
@@ -19,6 +24,7 @@ and the consumer's share of time spent waiting inside `next()`.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import logging
 import multiprocessing
@@ -44,7 +50,10 @@ BATCH = 256  # elements per batch, for elements up to BATCHED_UP_TO bytes
 BATCHED_UP_TO = 64 * KiB
 WORKERS = 2
 IN_FLIGHT = 2  # items per worker ahead of the consumer
-VARIANTS = ("grain_shm", "grain_shm-recycle", "grain", "pickle")
+VARIANTS = ("grain_shm", "grain_shm-recycle", "grain", "torch", "pickle")
+# Variants of this section only, not transports of the others (the transfer,
+# cfd, release): `--transports` names them too.
+OWN_VARIANTS = ("torch",)
 WARMUP = 2  # items before the clock starts (the first one included)
 SEGMENTS = 20
 ABORT_CHECK_EVERY = 16
@@ -141,6 +150,65 @@ def _grain(nbytes: int) -> Stream:
     return iterator, iterator.close
 
 
+class TorchSource:
+    """The DataLoader's map-style dataset (no torch.utils.data.Dataset base,
+    so that this module imports no torch): index -> MakeElement's array."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.make = MakeElement(nbytes)
+
+    def __len__(self) -> int:
+        return 1 << 62
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.make(index)
+
+
+class _IndicesUntil:
+    """The DataLoader's sampler, which runs in the consumer's process: 0, 1,
+    2, ... until `stopping` is set."""
+
+    def __init__(self, stopping: threading.Event) -> None:
+        self.stopping = stopping
+
+    def __iter__(self) -> Iterator[int]:
+        for index in itertools.count():
+            if self.stopping.is_set():
+                return
+            yield index
+
+
+def _torch(nbytes: int) -> Stream:
+    try:  # Any to mypy: the same check with torch installed or not (and no pass over torch)
+        data: Any = importlib.import_module("torch.utils.data")
+    except ImportError:
+        raise Unavailable(
+            "torch is not installed (pip install torch; the CPU build is enough: it is not "
+            "among grain_shm's extras, where it would pull a CUDA build)"
+        ) from None
+    stopping = threading.Event()
+    loader = data.DataLoader(
+        TorchSource(nbytes), batch_size=batch_size(nbytes), sampler=_IndicesUntil(stopping),
+        num_workers=WORKERS, prefetch_factor=IN_FLIGHT, multiprocessing_context="spawn",
+    )
+    iterator = iter(loader)
+
+    def items() -> Iterator[Any]:
+        for tensor in iterator:
+            yield tensor.numpy()  # a view of the tensor's shared memory: no copy
+
+    def stop() -> None:
+        # Ends the indices, takes the few items in flight, and the loader
+        # stops its workers once they are idle. Stopped while one of them
+        # still sends a 4 MiB tensor, a worker can die of SIGABRT ("terminate
+        # called without an active exception"), about one run in four here.
+        stopping.set()
+        for _ in iterator:
+            pass
+
+    return items(), stop
+
+
 def _pool_imap(nbytes: int) -> Stream:
     pool = multiprocessing.get_context("spawn").Pool(WORKERS)
     credits = threading.Semaphore(WORKERS * IN_FLIGHT)
@@ -179,6 +247,8 @@ def consume(cell: Cell, abort: Event) -> Result:
     started = time.perf_counter()
     if variant == "grain":
         items, stop = _grain(nbytes)
+    elif variant == "torch":
+        items, stop = _torch(nbytes)
     elif variant == "pickle":
         items, stop = _pool_imap(nbytes)
     else:
@@ -245,7 +315,7 @@ TITLE = (
     f"elements up to {format_size(BATCHED_UP_TO)} in batches of {BATCH}, {IN_FLIGHT} items "
     "per worker in flight. Elements/s: median of timed segments in steady state; start-up "
     "= time to the first item; waiting = consumer's share of time inside next(); "
-    "pickle = multiprocessing.Pool.imap"
+    "torch = PyTorch's DataLoader; pickle = multiprocessing.Pool.imap"
 )
 
 
@@ -253,7 +323,7 @@ def table(doc: RunRecord) -> Tuple[List[str], List[List[str]]]:
     cells = {(c["transport"], c["sizes"][0]): c for c in doc["cells"]
              if c["section"] == "pipeline"}
     headers = ["element", "variant", "elements/s", "p10-p90", "GB/s", "start-up s", "waiting",
-               "× grain", "× Pool.imap"]
+               "× grain", "× DataLoader", "× Pool.imap"]
     rows = []
     for size in doc["config"].get("pipeline_sizes", []):
         label = format_size(size) + (f" ×{batch_size(size)}" if batch_size(size) else "")
@@ -270,11 +340,11 @@ def table(doc: RunRecord) -> Tuple[List[str], List[List[str]]]:
             if record is None:
                 continue
             if record["status"] != "ok":
-                rows.append([label, variant, record["status"]] + [""] * 6)
+                rows.append([label, variant, record["status"]] + [""] * (len(headers) - 3))
                 continue
             result = record["result"]
             rate = result["elements_per_s"]
-            grain, imap = median("grain"), median("pickle")
+            grain, loader, imap = median("grain"), median("torch"), median("pickle")
             rows.append([
                 label,
                 variant,
@@ -284,6 +354,7 @@ def table(doc: RunRecord) -> Tuple[List[str], List[List[str]]]:
                 f"{result['startup_s']:.2f}",
                 f"{result['consumer_waiting']:.0%}",
                 f"{rate['median'] / grain:.2f}" if grain else "",
+                f"{rate['median'] / loader:.2f}" if loader else "",
                 f"{rate['median'] / imap:.2f}" if imap else "",
             ])
     return headers, rows
