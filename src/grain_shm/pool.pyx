@@ -1,0 +1,505 @@
+# Included by _shm.pyx.  The pool (SharedMemoryArray.enable_recycling):
+# arenas of pre-faulted blocks that are reused at memcpy speed.  Layout and
+# atomics: _pool.h.
+
+cdef enum:
+    N_CLASSES = 21               # blocks of 256 B ... 256 MiB
+    ARENA_TARGET = 4 << 20       # bytes of blocks per arena, for small classes
+    MAX_BLOCKS = 1024            # blocks per arena at most
+    CACHE_ARENAS = 64            # other processes' arenas kept mapped, at most
+    TRIM_EVERY = 256             # pool operations between looks at the clock
+
+cdef double TRIM_INTERVAL = 1.0  # seconds between trims
+cdef double IDLE_SECONDS = 2.0   # an own arena all free and untouched this long goes
+cdef Py_ssize_t CACHE_BYTES = 2 << 30
+cdef size_t PAGE = os.sysconf("SC_PAGESIZE")
+
+
+cdef uint64_t _pid_namespace():
+    """This process's pid namespace (the inode of /proc/self/ns/pid), or 0."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+cdef uint64_t PIDNS = _pid_namespace()
+
+
+
+
+@cython.final
+cdef class Arena:
+    """One mapping of one arena: this process's own (it takes blocks from it)
+    or another's (kept in the cache, so its blocks open without a system call).
+
+    The geometry is copied from the header once, when it is validated, and
+    never read from shared memory again: another process may scribble on the
+    header, but not make a reference reach outside its block."""
+
+    cdef gs_arena *hdr
+    cdef size_t size
+    cdef bytes path
+    cdef str name
+    cdef uint32_t nblocks
+    cdef uint64_t block_bytes
+    cdef uint64_t data_start
+    cdef unsigned long owner_gen  # gs_generation of its making here; 0: another's
+    cdef uint32_t *free           # own: the blocks known to be free
+    cdef uint32_t nfree
+    cdef uint64_t seen_remote     # remote_frees when the free list was rebuilt
+    cdef Py_ssize_t live          # this process's segments over its blocks
+    cdef unsigned long long used  # cache clock at its last open
+    cdef unsigned long long takes # blocks taken, at the last trim and now
+    cdef unsigned long long trim_takes
+    cdef double idle_since
+
+    def __dealloc__(self):
+        if self.hdr != NULL:
+            munmap(self.hdr, self.size)
+        free(self.free)
+
+    cdef inline bint own(self) noexcept:
+        return self.owner_gen == gs_generation
+
+    cdef void rebuild_free(self) noexcept:
+        """Own arena: list every free block again, after other processes
+        returned some (each block in the list is free, so none is listed twice)."""
+        cdef uint32_t i = self.nblocks
+        self.seen_remote = gs_remote_frees(self.hdr)
+        self.nfree = 0
+        while i > 0:  # from the top, so that block 0 is taken first
+            i -= 1
+            if GS_IS_FREE(gs_word(&self.hdr.blocks[i])):
+                self.free[self.nfree] = i
+                self.nfree += 1
+
+    cdef void block_freed(self, gs_block *block) noexcept:
+        """The block just became free in this process: back on the free list
+        if the arena is ours, else its owner is told (and the arena unlinked
+        if the owner is gone and this was its last block)."""
+        if self.owner_gen == gs_generation:
+            if self.nfree < self.nblocks:
+                self.free[self.nfree] = <uint32_t>(block - &self.hdr.blocks[0])
+                self.nfree += 1
+        elif gs_arena_freed_remotely(self.hdr, self.nblocks):
+            shm_unlink(self.path)
+
+    def __repr__(self):
+        return (f"<grain_shm Arena {self.name!r} {self.nblocks} x {self.block_bytes} B"
+                f"{' own' if self.own() else ''}>")
+
+
+cdef void _release_block(Arena arena, gs_block *block, bint unlink) noexcept:
+    """The release of one block reference: the segment's __dealloc__, and exit."""
+    if block == NULL:  # dropped already (exit)
+        return
+    arena.live -= 1
+    if gs_block_release(block, unlink):
+        arena.block_freed(block)
+    _pool_tick()
+
+
+# ---------------------------------------------------------------------------
+# The pool's state in this process.  Touched with the GIL held.
+
+cdef Py_ssize_t _pool_limit = 0      # bytes of own arenas at most; 0: off
+cdef bytes _pool_prefix = b""        # what arena names start with (the session's)
+cdef Py_ssize_t _pool_bytes = 0      # bytes of own arenas now
+cdef unsigned long _pool_gen = 0     # gs_generation the own lists belong to
+cdef list _pool_classes = [[] for _ in range(N_CLASSES)]  # own arenas by class
+cdef dict _arenas = {}               # name -> Arena: own ones and the cache
+cdef unsigned long long _cache_clock = 0
+cdef unsigned long long _pool_ops = 0
+cdef double _last_trim = 0.0
+cdef unsigned long long _taken = 0, _fallbacks = 0, _arenas_made = 0, _arenas_retired = 0
+
+
+cdef inline uint32_t _blocks_per_arena(int klass) noexcept:
+    cdef uint64_t block_bytes = (<uint64_t>1) << (klass + GS_MIN_BLOCK_SHIFT)
+    cdef uint64_t n = ARENA_TARGET // block_bytes
+    return <uint32_t>(1 if n < 1 else (MAX_BLOCKS if n > MAX_BLOCKS else n))
+
+
+cdef inline Py_ssize_t _arena_bytes(int klass) noexcept:
+    cdef uint32_t n = _blocks_per_arena(klass)
+    return <Py_ssize_t>(gs_arena_data_start(n, PAGE)
+                        + n * ((<uint64_t>1) << (klass + GS_MIN_BLOCK_SHIFT)))
+
+
+cdef Segment _block_segment(Arena arena, uint32_t index, uint32_t gen, Py_ssize_t nbytes):
+    """The segment object of one reference (already counted) to a block."""
+    cdef Segment seg = Segment.__new__(Segment)
+    seg.arena = arena
+    seg.index = index
+    seg.generation = gen
+    seg.origin = arena.data_start + index * arena.block_bytes
+    seg.addr = <char *>arena.hdr + seg.origin
+    seg.size = nbytes
+    seg.path = arena.path
+    gs_blockref_add(&seg.ref, &arena.hdr.blocks[index], <void *>arena)
+    arena.live += 1
+    return seg
+
+
+cdef list _own_classes():
+    """This process's own arenas by class. In a forked child the parent's
+    are another process's: the child's pool starts empty (they stay in the
+    cache, as foreign)."""
+    global _pool_bytes, _pool_gen, _pool_classes
+    if _pool_gen != gs_generation:
+        _pool_classes = [[] for _ in range(N_CLASSES)]
+        _pool_bytes = 0
+        _pool_gen = gs_generation
+    return _pool_classes
+
+
+cdef Arena _new_arena(int klass):
+    """A new own arena for blocks of `klass`, or None if the pool's bound or
+    /dev/shm has no room for it (the caller falls back to a fresh segment)."""
+    global _pool_bytes
+    cdef Py_ssize_t size = _arena_bytes(klass)
+    if _pool_bytes + size > _pool_limit:
+        return None
+    cdef char path[PREFIX_CAP + RANDOM_CHARS + 1]
+    cdef void *addr = NULL
+    cdef int stage = 0
+    if _create_named(path, _pool_prefix, len(_pool_prefix) + 1, size, &addr, &stage) != 0:
+        return None
+    cdef uint32_t nblocks = _blocks_per_arena(klass)
+    cdef Arena arena = Arena.__new__(Arena)
+    arena.hdr = <gs_arena *>addr
+    arena.size = size
+    arena.path = path
+    arena.name = arena.path[1:].decode("ascii")
+    arena.nblocks = nblocks
+    arena.block_bytes = (<uint64_t>1) << (klass + GS_MIN_BLOCK_SHIFT)
+    arena.data_start = gs_arena_data_start(nblocks, PAGE)
+    arena.owner_gen = gs_generation
+    arena.free = <uint32_t *>malloc(nblocks * sizeof(uint32_t))
+    if arena.free == NULL:
+        shm_unlink(path)
+        return None  # the Arena unmaps itself
+    gs_arena_init(arena.hdr, nblocks, arena.block_bytes, arena.data_start, size,
+                  os.getpid(), PIDNS)
+    arena.rebuild_free()
+    _pool_classes[klass].append(arena)
+    _arenas[arena.name] = arena
+    _pool_bytes += size
+    global _arenas_made
+    _arenas_made += 1
+    return arena
+
+
+cdef Segment _take_from(Arena arena, Py_ssize_t nbytes):
+    """A block of an own arena for `nbytes`, or None if none is free."""
+    global _taken
+    cdef uint32_t gen, index
+    if arena.nfree == 0 and gs_remote_frees(arena.hdr) != arena.seen_remote:
+        arena.rebuild_free()  # other processes gave some back
+    while arena.nfree > 0:
+        arena.nfree -= 1
+        index = arena.free[arena.nfree]
+        gen = gs_block_take(&arena.hdr.blocks[index], nbytes)
+        if gen != 0:  # 0: not free after all (a scribbled word): skip it
+            arena.takes += 1
+            _taken += 1
+            return _block_segment(arena, index, gen, nbytes)
+    return None
+
+
+cdef Segment _pool_take(Py_ssize_t nbytes):
+    """A block for `nbytes` from an own arena, or None: too large, or no
+    room within the bound (the caller takes a fresh segment)."""
+    global _fallbacks
+    cdef int klass = gs_size_class(nbytes)
+    cdef Arena arena
+    cdef Segment seg
+    if klass < N_CLASSES and _arena_bytes(klass) <= _pool_limit // 2:
+        _pool_tick()
+        for arena in _own_classes()[klass]:
+            seg = _take_from(arena, nbytes)
+            if seg is not None:
+                return seg
+        arena = _new_arena(klass)
+        if arena is not None:
+            return _take_from(arena, nbytes)
+        _pool_maybe_trim()  # perhaps idle arenas of other classes hold the room
+    _fallbacks += 1
+    return None
+
+
+cdef void _retire_own(Arena arena, int klass) noexcept:
+    """Return an own arena, all free, to the system."""
+    global _pool_bytes
+    if gs_arena_retire(arena.hdr):
+        shm_unlink(arena.path)
+    _pool_classes[klass].remove(arena)
+    _arenas.pop(arena.name, None)
+    _pool_bytes -= arena.size
+    arena.owner_gen = 0
+    global _arenas_retired
+    _arenas_retired += 1
+
+
+cdef void _pool_trim(double idle_seconds) noexcept:
+    """Unlink own arenas that have been all free, with no block taken, for
+    `idle_seconds` (judged at two trims that far apart; 0: now)."""
+    global _last_trim
+    cdef double now = _now()
+    cdef Arena arena
+    cdef int klass
+    _last_trim = now
+    cdef list classes = _own_classes()
+    for klass in range(N_CLASSES):
+        for arena in list(classes[klass]):
+            if gs_remote_frees(arena.hdr) != arena.seen_remote:
+                arena.rebuild_free()
+            if arena.nfree < arena.nblocks or (
+                    idle_seconds > 0 and arena.takes != arena.trim_takes):
+                arena.idle_since = now  # in use, or used since the last trim
+                arena.trim_takes = arena.takes
+            elif now - arena.idle_since >= idle_seconds:
+                _retire_own(arena, klass)
+    for arena in list(_arenas.values()):
+        if not arena.own() and not arena.hdr.retired and _owner_gone(arena):
+            if gs_arena_none_linked(arena.hdr, arena.nblocks) and gs_arena_retire(arena.hdr):
+                shm_unlink(arena.path)
+
+
+cdef bint _owner_gone(Arena arena) noexcept:
+    """Whether another process's arena has lost its owner: it said so at
+    exit, or it was killed (no such pid in its pid namespace, which is ours)."""
+    if arena.hdr.owner_gone:
+        return True
+    if PIDNS == 0 or arena.hdr.owner_pidns != PIDNS or arena.hdr.owner_pid <= 0:
+        return False  # its pid means nothing here
+    try:
+        os.kill(arena.hdr.owner_pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        pass
+    return False
+
+
+cdef void _pool_maybe_trim() noexcept:
+    if _now() - _last_trim >= TRIM_INTERVAL:
+        _pool_trim(IDLE_SECONDS)
+
+
+cdef inline void _pool_tick() noexcept:
+    """One more pool operation (a take or a release): look at the clock every
+    TRIM_EVERY of them, so that idle arenas go without a timer."""
+    global _pool_ops
+    _pool_ops += 1
+    if _pool_ops % TRIM_EVERY == 0:
+        _pool_maybe_trim()
+
+
+cdef Arena _map_arena(str name):
+    """Map another process's arena (or an own one no longer cached), check
+    its header and put it in the cache."""
+    cdef bytes path = _path_of(name)
+    cdef const char *cpath = path
+    cdef int fd
+    cdef struct_stat st
+    cdef void *addr = NULL
+    with nogil:
+        fd = shm_open(cpath, O_RDWR, 0)
+    check_rc(fd, path)  # no read-only fallback: opening a block writes its word
+    if fstat(fd, &st) == -1:
+        err = errno
+        close(fd)
+        raise_errno(err, path)
+    if not gs_is_segment(st.st_mode) or <size_t>st.st_size < sizeof(gs_arena):
+        close(fd)
+        raise ValueError(f"shared memory {name!r} is not a grain_shm pool arena")
+    cdef size_t length = <size_t>st.st_size
+    with nogil:
+        # Populated: the pages exist already (the owner faulted them in), and
+        # every later open of a block in it costs no fault at all.
+        addr = gs_mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0)
+    err = errno
+    close(fd)
+    if addr == MAP_FAILED:
+        if err == ENOMEM:
+            raise _no_address_space(length)
+        raise_errno(err, path)
+    cdef Arena arena = Arena.__new__(Arena)
+    arena.hdr = <gs_arena *>addr
+    arena.size = length
+    if not gs_arena_valid(arena.hdr, length):
+        raise ValueError(f"shared memory {name!r} is not a grain_shm pool arena")
+    arena.path = path
+    arena.name = name
+    arena.nblocks = arena.hdr.nblocks
+    arena.block_bytes = arena.hdr.block_bytes
+    arena.data_start = arena.hdr.data_start
+    _cache_insert(arena)
+    return arena
+
+
+cdef void _cache_insert(Arena arena) noexcept:
+    """Cache `arena`, then unmap the others' arenas that no array of this
+    process uses: retired ones (nothing in them can be opened again), then
+    the least recently used, while the cache is over its bounds."""
+    _arenas[arena.name] = arena
+    cdef list unused = []
+    cdef Py_ssize_t count = 0, mapped = 0
+    cdef Arena a
+    for a in _arenas.values():
+        if not a.own():
+            count += 1
+            mapped += a.size
+            if a.live == 0 and a is not arena:
+                unused.append((not a.hdr.retired, a.used, a))
+    unused.sort(key=lambda entry: entry[:2])  # retired first, then oldest
+    for still_linked, _, a in unused:
+        if still_linked and count <= CACHE_ARENAS and mapped <= CACHE_BYTES:
+            break
+        del _arenas[a.name]  # unmapped with its last reference
+        count -= 1
+        mapped -= a.size
+
+
+cdef Arena _arena_named(name):
+    cdef Arena arena = _arenas.get(name)
+    if arena is None:
+        if not isinstance(name, str):
+            name = os.fsdecode(name)
+        arena = _map_arena(name)
+    global _cache_clock
+    _cache_clock += 1
+    arena.used = _cache_clock
+    return arena
+
+
+cdef gs_block *_block_of(Arena arena, Py_ssize_t index, Py_ssize_t generation) except NULL:
+    if not 0 <= index < arena.nblocks or not 0 < generation <= 0xFFFFFFFF:
+        raise ValueError(
+            f"no block ({index}, {generation}) in shared memory {arena.name!r}: it has "
+            f"blocks 0 to {arena.nblocks - 1}, generations from 1"
+        )
+    return &arena.hdr.blocks[index]
+
+
+def open_block(name, Py_ssize_t index, Py_ssize_t generation, Py_ssize_t low, Py_ssize_t high):
+    """A reference to block `index` of arena `name`, still linked under
+    `generation`, whose array holds bytes [low, high) of the arena."""
+    cdef Arena arena = _arena_named(name)
+    cdef gs_block *block = _block_of(arena, index, generation)
+    cdef int rc = gs_block_acquire(block, <uint32_t>generation)
+    if rc != 0:
+        raise_errno(rc, arena.path)
+    cdef uint64_t nbytes = block.nbytes
+    cdef uint64_t start = arena.data_start + <uint64_t>index * arena.block_bytes
+    if nbytes > arena.block_bytes or low < <Py_ssize_t>start or high > <Py_ssize_t>(start + nbytes):
+        if gs_block_release(block, False):
+            arena.block_freed(block)
+        raise ValueError(
+            f"shared memory {arena.name!r} block {index} holds {nbytes} bytes at "
+            f"offset {start}, but the array needs bytes {low} to {high}: the "
+            "metadata does not match the block"
+        )
+    return _block_segment(arena, <uint32_t>index, <uint32_t>generation, <Py_ssize_t>nbytes)
+
+
+def unlink_block(name, Py_ssize_t index, Py_ssize_t generation):
+    """Remove a block's "name": no new reference opens; it is free once the
+    last mapping of it goes."""
+    cdef Arena arena = _arena_named(name)
+    cdef gs_block *block = _block_of(arena, index, generation)
+    cdef int rc = gs_block_unlink(block, <uint32_t>generation)
+    if rc < 0:
+        raise_errno(ENOENT, arena.path)
+    if rc == 1:
+        arena.block_freed(block)
+
+
+def enable_pool(Py_ssize_t max_bytes, bytes prefix not None):
+    """Take new arrays created under `prefix` from the pool, whose own arenas
+    hold `max_bytes` at most and are named with that prefix."""
+    global _pool_limit, _pool_prefix
+    if max_bytes < 1:
+        raise ValueError(f"max_bytes must be positive, not {max_bytes}")
+    _check_prefix(prefix)
+    _pool_prefix = prefix
+    _pool_limit = max_bytes
+
+
+def disable_pool():
+    """New arrays get fresh segments again; arenas all free go now, the
+    others once their blocks are free and a trim finds them so."""
+    global _pool_limit
+    _pool_limit = 0
+    _pool_trim(0.0)
+
+
+def pool_trim(double idle_seconds=0.0):
+    """Return own arenas idle for `idle_seconds` to the system (tests, diagnostics)."""
+    _pool_trim(idle_seconds)
+
+
+def pool_stats():
+    """The pool's figures in this process."""
+    cdef Arena arena
+    cdef uint32_t i
+    cdef Py_ssize_t blocks = 0, in_use = 0, bytes_in_use = 0, cached = 0
+    cdef list classes = _own_classes()
+    for klass in range(N_CLASSES):
+        for arena in classes[klass]:
+            blocks += arena.nblocks
+            for i in range(arena.nblocks):
+                if not GS_IS_FREE(gs_word(&arena.hdr.blocks[i])):
+                    in_use += 1
+                    bytes_in_use += arena.hdr.blocks[i].nbytes
+    for arena in _arenas.values():
+        if not arena.own():
+            cached += 1
+    return {
+        "max_bytes": _pool_limit,
+        "arena_bytes": _pool_bytes,
+        "arenas": sum(len(c) for c in classes),
+        "blocks": blocks,
+        "blocks_in_use": in_use,
+        "bytes_in_use": bytes_in_use,
+        "cached_arenas": cached,
+        "taken": _taken,
+        "fallbacks": _fallbacks,
+        "arenas_made": _arenas_made,
+        "arenas_retired": _arenas_retired,
+    }
+
+
+def pool_at_exit():
+    """Exit: drop every block reference this process holds, and leave the own
+    arenas to whoever frees their last block (the ones all free go now).
+    After unlink_owned, so owned blocks are unlinked first."""
+    global _pool_limit, _pool_bytes
+    cdef gs_blockref *ref = gs_blockrefs_first()
+    cdef Arena arena
+    while ref != NULL:
+        arena = <Arena>ref.arena
+        _release_block(arena, gs_blockref_take(ref), False)
+        ref = gs_blockrefs_first()
+    _pool_limit = 0
+    cdef list classes = _own_classes()
+    for klass in range(N_CLASSES):
+        for arena in classes[klass]:
+            arena.owner_gen = 0
+            if gs_arena_abandon(arena.hdr, arena.nblocks):
+                shm_unlink(arena.path)
+        classes[klass] = []
+    _pool_bytes = 0
+
+
+def block_state(name, Py_ssize_t index, Py_ssize_t generation):
+    """(linked, references) of block `index` of arena `name` if it is still
+    under `generation`, else None: what the pool knows of one array's "name"
+    (tests, diagnostics)."""
+    cdef Arena arena = _arena_named(name)
+    cdef uint64_t word = gs_word(_block_of(arena, index, generation))
+    if GS_GEN(word) != <uint32_t>generation:
+        return None
+    return bool(word & GS_LINKED), int(word & GS_REFS)
