@@ -104,7 +104,8 @@ cdef void _release_block(Arena arena, gs_block *block, bint unlink) noexcept:
 # The pool's state in this process.  Touched with the GIL held.
 
 cdef Py_ssize_t _pool_limit = 0      # bytes of own arenas at most; 0: off
-cdef bytes _pool_prefix = b""        # what arena names start with (the session's)
+cdef bytes _pool_prefix = b""        # the creations it serves (the session's)
+cdef bytes _arena_prefix = b""       # what arena names start with: it and the mark
 cdef Py_ssize_t _pool_bytes = 0      # bytes of own arenas now
 cdef unsigned long _pool_gen = 0     # gs_generation the own lists belong to
 cdef list _pool_classes = [[] for _ in range(N_CLASSES)]  # own arenas by class
@@ -161,10 +162,10 @@ cdef Arena _new_arena(int klass):
     cdef Py_ssize_t size = _arena_bytes(klass)
     if _pool_bytes + size > _pool_limit:
         return None
-    cdef char path[PREFIX_CAP + RANDOM_CHARS + 1]
+    cdef char path[PREFIX_CAP + 1 + RANDOM_CHARS + 1]  # the arena's mark too
     cdef void *addr = NULL
     cdef int stage = 0
-    if _create_named(path, _pool_prefix, len(_pool_prefix) + 1, size, &addr, &stage) != 0:
+    if _create_named(path, _arena_prefix, len(_arena_prefix) + 1, size, &addr, &stage) != 0:
         return None
     cdef uint32_t nblocks = _blocks_per_arena(klass)
     cdef Arena arena = Arena.__new__(Arena)
@@ -301,6 +302,8 @@ cdef Arena _map_arena(str name):
     """Map another process's arena (or an own one no longer cached), check
     its header and put it in the cache."""
     cdef bytes path = _path_of(name)
+    if not _is_arena_path(path):
+        raise ValueError(f"shared memory {name!r} is not a grain_shm pool arena (by its name)")
     cdef const char *cpath = path
     cdef int fd
     cdef struct_stat st
@@ -420,11 +423,14 @@ def unlink_block(name, Py_ssize_t index, Py_ssize_t generation):
 def enable_pool(Py_ssize_t max_bytes, bytes prefix not None):
     """Take new arrays created under `prefix` from the pool, whose own arenas
     hold `max_bytes` at most and are named with that prefix."""
-    global _pool_limit, _pool_prefix
+    global _pool_limit, _pool_prefix, _arena_prefix
     if max_bytes < 1:
         raise ValueError(f"max_bytes must be positive, not {max_bytes}")
     _check_prefix(prefix)
+    if not _is_arena_path(b"/" + prefix + b"." + b"A" * RANDOM_CHARS):
+        raise ValueError(f"pool prefix {prefix!r} is not a session's (names.segment_prefix)")
     _pool_prefix = prefix
+    _arena_prefix = prefix + b"."  # names.ARENA_MARK
     _pool_limit = max_bytes
 
 

@@ -76,6 +76,42 @@ cdef bytes _path_of(name):
     return b"/" + raw
 
 
+cdef bint _is_arena_path(bytes path) noexcept:
+    """Whether "/name" is a pool arena's: "/gs", the 13 characters of a
+    session, "_." and 12 random characters (names.ARENA_RE, in C: every open
+    and unlink asks). No other name grain_shm makes has a "." there."""
+    cdef const unsigned char *p = path
+    cdef Py_ssize_t i
+    if len(path) != 30 or p[1] != b"g"[0] or p[2] != b"s"[0] or p[16] != b"_"[0] or p[17] != b"."[0]:
+        return False
+    for i in range(3, 16):
+        if not (b"0"[0] <= p[i] <= b"9"[0] or b"a"[0] <= p[i] <= b"z"[0]):
+            return False
+    for i in range(18, 30):
+        if not (b"a"[0] <= p[i] <= b"z"[0] or b"A"[0] <= p[i] <= b"Z"[0]
+                or b"0"[0] <= p[i] <= b"9"[0] or p[i] == b"-"[0] or p[i] == b"_"[0]):
+            return False
+    return True
+
+
+cdef int _refuse_arena(bytes path, str what) except -1:
+    """ValueError if `path` names a pool arena: metadata without a block
+    must not map it (its header hands the blocks out, its other bytes are
+    other arrays) nor unlink it (every array in it would go)."""
+    if _is_arena_path(path):
+        raise ValueError(
+            f"shared memory {os.fsdecode(path[1:])!r} is a pool arena, which holds "
+            f"many arrays: {what} it needs a reference to one of its blocks "
+            "(metadata with `block`), not the arena's name alone"
+        )
+    return 0
+
+
+def is_arena_name(name):
+    """Whether `name` is a pool arena's (tests: names.is_arena agrees)."""
+    return _is_arena_path(_path_of(name))
+
+
 class ArraySizeError(OverflowError, ValueError):
     """An array whose byte count does not fit in memory addresses.
 
@@ -310,8 +346,10 @@ def create(Py_ssize_t nbytes, bytes prefix not None):
 
 
 def open(name, Py_ssize_t required):
-    """Map the existing segment `name`, which must hold at least `required` bytes."""
+    """Map the existing segment `name`, which must hold at least `required`
+    bytes; never a pool arena (open_block maps those)."""
     cdef bytes path = _path_of(name)
+    _refuse_arena(path, "to map an array in it,")
     cdef const char *cpath = path
     cdef int fd
     cdef int prot = PROT_READ | PROT_WRITE
@@ -358,8 +396,10 @@ def open(name, Py_ssize_t required):
 
 
 def unlink(name):
-    """Remove the name now; mappings of it stay valid until they are released."""
+    """Remove the name now; mappings of it stay valid until they are released.
+    Never a pool arena's (unlink_block unlinks a block's "name")."""
     cdef bytes path = _path_of(name)
+    _refuse_arena(path, "to unlink an array in it,")
     check_rc(shm_unlink(path), path)
 
 
