@@ -97,6 +97,8 @@ cdef void _release_block(Arena arena, gs_block *block, bint unlink) noexcept:
     arena.live -= 1
     if gs_block_release(block, unlink):
         arena.block_freed(block)
+    if arena.live == 0 and not arena.own() and (arena.hdr.retired or arena.hdr.owner_gone):
+        _forget(arena)  # its last array here: nothing holds its pages for us now
     _pool_tick()
 
 
@@ -110,6 +112,7 @@ cdef Py_ssize_t _pool_bytes = 0      # bytes of own arenas now
 cdef unsigned long _pool_gen = 0     # gs_generation the own lists belong to
 cdef list _pool_classes = [[] for _ in range(N_CLASSES)]  # own arenas by class
 cdef dict _arenas = {}               # name -> Arena: own ones and the cache
+cdef list _foreign = []              # the cache's arenas (the others'), for _let_go
 cdef unsigned long long _cache_clock = 0
 cdef unsigned long long _pool_ops = 0
 cdef double _last_trim = 0.0
@@ -148,7 +151,10 @@ cdef list _own_classes():
     are another process's: the child's pool starts empty (they stay in the
     cache, as foreign)."""
     global _pool_bytes, _pool_gen, _pool_classes
+    cdef int klass
     if _pool_gen != gs_generation:
+        for klass in range(N_CLASSES):
+            _foreign.extend(_pool_classes[klass])  # the parent's: cached, as another's
         _pool_classes = [[] for _ in range(N_CLASSES)]
         _pool_bytes = 0
         _pool_gen = gs_generation
@@ -218,6 +224,7 @@ cdef Segment _pool_take(Py_ssize_t nbytes):
     cdef Segment seg
     if klass < N_CLASSES and _arena_bytes(klass) <= _pool_limit // 2:
         _pool_tick()
+        _let_go(False)
         for arena in _own_classes()[klass]:
             seg = _take_from(arena, nbytes)
             if seg is not None:
@@ -262,10 +269,13 @@ cdef void _pool_trim(double idle_seconds) noexcept:
                 arena.trim_takes = arena.takes
             elif now - arena.idle_since >= idle_seconds:
                 _retire_own(arena, klass)
-    for arena in list(_arenas.values()):
-        if not arena.own() and not arena.hdr.retired and _owner_gone(arena):
+    for arena in list(_foreign):
+        if not arena.hdr.retired and _owner_gone(arena):
             if gs_arena_none_linked(arena.hdr, arena.nblocks) and gs_arena_retire(arena.hdr):
                 shm_unlink(arena.path)
+            if arena.live == 0:
+                _forget(arena)
+    _let_go(False)
 
 
 cdef bint _owner_gone(Arena arena) noexcept:
@@ -343,11 +353,55 @@ cdef Arena _map_arena(str name):
     return arena
 
 
+cdef void _forget(Arena arena) noexcept:
+    """Drop a cached arena: unmapped with its last reference (at once, if no
+    array of this process lives in it)."""
+    if _arenas is not None and _arenas.get(arena.name) is arena:
+        del _arenas[arena.name]
+    if _foreign is not None and arena in _foreign:
+        _foreign.remove(arena)
+
+
+cdef Py_ssize_t _let_go(bint every_idle) noexcept:
+    """Unmap the others' arenas in which no array of this process lives and
+    that its owner retired or left (`every_idle`: all of them, for a full
+    /dev/shm): tmpfs keeps a file's pages while anything maps it, so a cached
+    arena would pin memory its owner gave back.  Returns how many went.
+    A pool operation's cost: two loads per cached arena.  An owner killed
+    before it could say it left is found by the trim (_owner_gone)."""
+    cdef Arena arena
+    cdef list idle = None
+    if _foreign is None:  # the module is being torn down
+        return 0
+    for arena in _foreign:
+        if arena.live == 0 and (every_idle or arena.hdr.retired or arena.hdr.owner_gone):
+            if idle is None:
+                idle = []
+            idle.append(arena)
+    if idle is None:
+        return 0
+    for arena in idle:
+        _forget(arena)
+    return len(idle)
+
+
+cdef bint _pool_give_back() noexcept:
+    """A full /dev/shm: give back the room the pool holds here, the own
+    arenas all free and the mappings of the others' that no array here
+    uses (their owner may have unlinked them).  Whether anything went."""
+    cdef bint had_own = _pool_bytes > 0
+    if had_own:
+        _pool_trim(0.0)
+    _own_classes()  # in a forked child, the parent's arenas are the others' too
+    return _let_go(True) > 0 or had_own
+
+
 cdef void _cache_insert(Arena arena) noexcept:
     """Cache `arena`, then unmap the others' arenas that no array of this
     process uses: retired ones (nothing in them can be opened again), then
     the least recently used, while the cache is over its bounds."""
     _arenas[arena.name] = arena
+    _foreign.append(arena)
     cdef list unused = []
     cdef Py_ssize_t count = 0, mapped = 0
     cdef Arena a
@@ -361,7 +415,7 @@ cdef void _cache_insert(Arena arena) noexcept:
     for still_linked, _, a in unused:
         if still_linked and count <= CACHE_ARENAS and mapped <= CACHE_BYTES:
             break
-        del _arenas[a.name]  # unmapped with its last reference
+        _forget(a)  # unmapped with its last reference
         count -= 1
         mapped -= a.size
 
@@ -405,7 +459,9 @@ def open_block(name, Py_ssize_t index, Py_ssize_t generation, Py_ssize_t low, Py
             f"offset {start}, but the array needs bytes {low} to {high}: the "
             "metadata does not match the block"
         )
-    return _block_segment(arena, <uint32_t>index, <uint32_t>generation, <Py_ssize_t>nbytes)
+    seg = _block_segment(arena, <uint32_t>index, <uint32_t>generation, <Py_ssize_t>nbytes)
+    _let_go(False)  # after: this arena has a live array now, and stays
+    return seg
 
 
 def unlink_block(name, Py_ssize_t index, Py_ssize_t generation):

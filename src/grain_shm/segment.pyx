@@ -323,13 +323,12 @@ def create(Py_ssize_t nbytes, bytes prefix not None):
     cdef int stage = 0
     cdef int rc = _create_named(path, prefix, prefix_len, length, &addr, &stage)
     cdef size_t pending
-    cdef Py_ssize_t pooled = _pool_bytes
+    cdef bint pooled
     if rc in (ENOSPC, ENOMEM, EFBIG) and stage == 1:  # /dev/shm is full: make room, once
-        if pooled > 0:
-            _pool_trim(0.0)  # the pool's idle arenas hold room: give it back
+        pooled = _pool_give_back()  # idle arenas, own or cached, hold room
         with nogil:  # releases waiting for the deleter may hold room too
             pending = gs_deleter_flush()
-        if pooled > 0 or pending > 0:
+        if pooled or pending > 0:
             rc = _create_named(path, prefix, prefix_len, length, &addr, &stage)
     if rc != 0:
         if stage == 1 and rc in (ENOSPC, ENOMEM, EFBIG):  # posix_fallocate
