@@ -20,11 +20,13 @@ part shares; then, each readable top to bottom,
 """
 import operator
 import os
+import sys
 
 cimport cython
 cimport numpy as cnp
 from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.pylifecycle cimport Py_AtExit
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.errno cimport EACCES, EEXIST, EFBIG, EINTR, ENOENT, ENOMEM, ENOSPC, errno
 from libc.stdint cimport uint32_t, uint64_t
@@ -46,9 +48,9 @@ from grain_shm._posix cimport (GS_MAX_THREADS, GS_MIN_BLOCK_SHIFT, MAP_POPULATE,
                                gs_arena_data_start, gs_arena_freed_remotely,
                                gs_arena_init, gs_arena_retire, gs_arena_valid,
                                gs_block, gs_block_acquire, gs_block_release,
-                               gs_block_take, gs_block_unlink, gs_blockref,
-                               gs_blockref_add, gs_blockref_take,
-                               gs_blockrefs_first, gs_generation, gs_remote_frees,
+                               gs_block_take, gs_block_unlink, gs_held,
+                               gs_held_add, gs_held_free, gs_held_new, gs_held_sub,
+                               gs_helds_drop, gs_generation, gs_remote_frees,
                                gs_size_class, gs_word, GS_GEN, GS_IS_FREE, GS_LINKED, GS_REFS,
                                gs_deleter_enable, gs_deleter_flush, PyArray_NewFromDescr,
                                gs_deleter_hold, gs_deleter_push, gs_deleter_stats,

@@ -53,8 +53,13 @@ cdef class Arena:
     cdef unsigned long long takes # blocks taken, at the last trim and now
     cdef unsigned long long trim_takes
     cdef double idle_since
+    cdef gs_held *held            # this process's references per block (C memory)
 
     def __dealloc__(self):
+        if self.held != NULL:
+            if self.held.total > 0:
+                return  # still counted (cannot be: segments keep their Arena): keep the mapping
+            gs_held_free(self.held)
         if self.hdr != NULL:
             munmap(self.hdr, self.size)
         free(self.free)
@@ -90,10 +95,11 @@ cdef class Arena:
                 f"{' own' if self.own() else ''}>")
 
 
-cdef void _release_block(Arena arena, gs_block *block, bint unlink) noexcept:
-    """The release of one block reference: the segment's __dealloc__, and exit."""
-    if block == NULL:  # dropped already (exit)
-        return
+cdef void _release_block(Arena arena, uint32_t index, bint unlink) noexcept:
+    """The release of one block reference this process holds (the segment's
+    __dealloc__)."""
+    cdef gs_block *block = &arena.hdr.blocks[index]
+    gs_held_sub(arena.held, index)
     arena.live -= 1
     if gs_block_release(block, unlink):
         arena.block_freed(block)
@@ -141,7 +147,8 @@ cdef Segment _block_segment(Arena arena, uint32_t index, uint32_t gen, Py_ssize_
     seg.addr = <char *>arena.hdr + seg.origin
     seg.size = nbytes
     seg.path = arena.path
-    gs_blockref_add(&seg.ref, &arena.hdr.blocks[index], <void *>arena)
+    gs_held_add(arena.held, index)
+    seg.held_epoch = arena.held.epoch
     arena.live += 1
     return seg
 
@@ -184,7 +191,8 @@ cdef Arena _new_arena(int klass):
     arena.data_start = gs_arena_data_start(nblocks, PAGE)
     arena.owner_gen = gs_generation
     arena.free = <uint32_t *>malloc(nblocks * sizeof(uint32_t))
-    if arena.free == NULL:
+    arena.held = gs_held_new(arena.hdr, nblocks, path)
+    if arena.free == NULL or arena.held == NULL:
         shm_unlink(path)
         return None  # the Arena unmaps itself
     gs_arena_init(arena.hdr, nblocks, arena.block_bytes, arena.data_start, size,
@@ -349,6 +357,9 @@ cdef Arena _map_arena(str name):
     arena.nblocks = arena.hdr.nblocks
     arena.block_bytes = arena.hdr.block_bytes
     arena.data_start = arena.hdr.data_start
+    arena.held = gs_held_new(arena.hdr, arena.nblocks, path)
+    if arena.held == NULL:
+        raise MemoryError(f"no memory to count references to {name!r}")
     _cache_insert(arena)
     return arena
 
@@ -534,17 +545,37 @@ def pool_stats():
     }
 
 
+# This process's block references are dropped only after its last Python
+# code can have run: atexit handlers registered before grain_shm's run after
+# its exit hook, and daemon threads until the end, and either may still use
+# an array, whose block the owner would reuse once it is given back.  So
+# they go at the very end of the interpreter, in C (Py_AtExit: after
+# finalization, no Python, atomics and shm_unlink only).
+cdef bint _dropped_at_finalization = Py_AtExit(gs_helds_drop) == 0
+
+
+def _leaves_through_os_exit():
+    """Whether this process is a multiprocessing child started by fork or
+    forkserver: those leave through os._exit once their exit handlers ran
+    (popen_fork's _launch, forkserver's main), which skips the C hook."""
+    frame = sys._getframe()
+    while frame is not None:
+        code = frame.f_code
+        if ((code.co_name == "_launch" and code.co_filename.endswith("popen_fork.py"))
+                or (code.co_name == "main" and code.co_filename.endswith("forkserver.py"))):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def pool_at_exit():
-    """Exit: drop every block reference this process holds, and leave the own
-    arenas to whoever frees their last block (the ones all free go now).
-    After unlink_owned, so owned blocks are unlinked first."""
+    """Exit, after unlink_owned (so owned blocks are unlinked first): the pool
+    off, and the own arenas left to whoever frees their last block (the ones
+    all free go now). The block references this process holds are dropped at
+    the interpreter's end (above), or here in a process for which that never
+    comes (os._exit): then nothing of Python runs after but threading's shutdown."""
     global _pool_limit, _pool_bytes
-    cdef gs_blockref *ref = gs_blockrefs_first()
     cdef Arena arena
-    while ref != NULL:
-        arena = <Arena>ref.arena
-        _release_block(arena, gs_blockref_take(ref), False)
-        ref = gs_blockrefs_first()
     _pool_limit = 0
     cdef list classes = _own_classes()
     for klass in range(N_CLASSES):
@@ -554,6 +585,10 @@ def pool_at_exit():
                 shm_unlink(arena.path)
         classes[klass] = []
     _pool_bytes = 0
+    if not _dropped_at_finalization or _leaves_through_os_exit():
+        gs_helds_drop()
+        for arena in _arenas.values():
+            arena.live = 0
 
 
 def block_state(name, Py_ssize_t index, Py_ssize_t generation):

@@ -188,7 +188,7 @@ cdef class Segment:
     cdef size_t origin
     cdef uint32_t index
     cdef uint32_t generation
-    cdef gs_blockref ref
+    cdef uint32_t held_epoch   # the arena's epoch when counted (see gs_held)
 
     def __cinit__(self):
         self.addr = NULL
@@ -241,8 +241,10 @@ cdef class Segment:
     def __dealloc__(self):
         cdef const char *unlink_path = NULL
         if self.arena is not None:  # a block: a few atomics, never deferred
-            _release_block(self.arena, gs_blockref_take(&self.ref),
-                           gs_owner_take(&self.owner))
+            if self.held_epoch == self.arena.held.epoch:  # not dropped at exit yet
+                _release_block(self.arena, self.index, gs_owner_take(&self.owner))
+            else:
+                gs_owner_take(&self.owner)
             return
         if self.path is not None and gs_owner_take(&self.owner):
             unlink_path = <char *>self.path
