@@ -70,13 +70,34 @@ typedef struct {
     gs_block blocks[];
 } gs_arena;
 
-/* Block sizes are powers of two from 256 bytes (class 0) up. */
+/* Size classes: 256 bytes (class 0), then four per doubling, each 1.25x,
+ * 1.2x, 1.17x and 1.14x the one before (jemalloc's and mimalloc's spacing),
+ * so a block is at most 1.25x its array's size: class c >= 1 holds
+ * 2^k + j * 2^(k-2) bytes, k = 8 + (c-1)/4, j = 1 + (c-1)%4, that is 320,
+ * 384, 448, 512, 640, ... up to 256 MiB (class 80).  Every class is a
+ * multiple of 64 bytes, so with block 0 at a page every block starts on a
+ * cache line (aligned for every dtype). */
 #define GS_MIN_BLOCK_SHIFT 8
+#define GS_CLASSES 81
 
-/* The smallest class whose blocks hold `nbytes` (> 0). */
+/* The bytes of a block of `klass` (0 to GS_CLASSES - 1). */
+static inline uint64_t gs_class_bytes(int klass) {
+    int k, j;
+    if (klass <= 0) return 1ull << GS_MIN_BLOCK_SHIFT;
+    k = GS_MIN_BLOCK_SHIFT + (klass - 1) / 4;
+    j = 1 + (klass - 1) % 4;
+    return (1ull << k) + ((uint64_t)j << (k - 2));
+}
+
+/* The smallest class whose blocks hold `nbytes` (> 0); GS_CLASSES or more
+ * if none does. */
 static inline int gs_size_class(uint64_t nbytes) {
-    int bits = nbytes <= 1 ? 0 : 64 - __builtin_clzll(nbytes - 1);
-    return bits <= GS_MIN_BLOCK_SHIFT ? 0 : bits - GS_MIN_BLOCK_SHIFT;
+    int k;
+    uint64_t step;
+    if (nbytes <= (1ull << GS_MIN_BLOCK_SHIFT)) return 0;
+    k = 63 - __builtin_clzll(nbytes - 1);  /* 2^k < nbytes <= 2^(k+1) */
+    step = 1ull << (k - 2);
+    return (k - GS_MIN_BLOCK_SHIFT) * 4 + (int)((nbytes - (1ull << k) + step - 1) / step);
 }
 
 static inline uint64_t gs_remote_frees(gs_arena *a) {

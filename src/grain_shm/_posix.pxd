@@ -73,7 +73,8 @@ cdef extern from "_pool.h" nogil:
     ctypedef struct gs_held:  # this process's references in one arena
         uint32_t epoch
         uint64_t total
-    enum: GS_MIN_BLOCK_SHIFT
+    enum: GS_CLASSES
+    uint64_t gs_class_bytes(int klass)
     uint64_t GS_LINKED
     uint64_t GS_REFS
     int gs_size_class(uint64_t nbytes)

@@ -42,7 +42,7 @@ from posix.types cimport off_t
 from posix.unistd cimport close
 
 from grain_shm._checkrc cimport check_rc, raise_errno
-from grain_shm._posix cimport (GS_MAX_THREADS, GS_MIN_BLOCK_SHIFT, MAP_POPULATE,
+from grain_shm._posix cimport (GS_CLASSES, GS_MAX_THREADS, MAP_POPULATE,
                                gs_arena, gs_arena_abandon,
                                gs_arena_none_linked,
                                gs_arena_data_start, gs_arena_freed_remotely,
@@ -51,7 +51,7 @@ from grain_shm._posix cimport (GS_MAX_THREADS, GS_MIN_BLOCK_SHIFT, MAP_POPULATE,
                                gs_block_take, gs_block_unlink, gs_held,
                                gs_held_add, gs_held_free, gs_held_new, gs_held_sub,
                                gs_helds_drop, gs_generation, gs_remote_frees,
-                               gs_size_class, gs_word, GS_GEN, GS_IS_FREE, GS_LINKED, GS_REFS,
+                               gs_class_bytes, gs_size_class, gs_word, GS_GEN, GS_IS_FREE, GS_LINKED, GS_REFS,
                                gs_deleter_enable, gs_deleter_flush, PyArray_NewFromDescr,
                                gs_deleter_hold, gs_deleter_push, gs_deleter_stats,
                                gs_deleter_stats_get, gs_deleter_stop, gs_is_segment,

@@ -345,7 +345,7 @@ def _rebuild_metadata(
 
 def _default_pool_bytes() -> int:
     """A quarter of /dev/shm: room for the pool without starving fresh segments
-    (blocks round sizes up to a power of two; idle arenas hold memory)."""
+    (blocks round sizes up by at most a quarter; idle arenas hold memory)."""
     space = names.shm_space()
     return max((space[0] if space else 0) // 4, 1 << 20)
 

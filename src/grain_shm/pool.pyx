@@ -3,7 +3,7 @@
 # atomics: _pool.h.
 
 cdef enum:
-    N_CLASSES = 21               # blocks of 256 B ... 256 MiB
+    N_CLASSES = GS_CLASSES       # blocks of 256 B ... 256 MiB, 1.25x apart at most
     ARENA_TARGET = 4 << 20       # bytes of blocks per arena, for small classes
     MAX_BLOCKS = 1024            # blocks per arena at most
     CACHE_ARENAS = 64            # other processes' arenas kept mapped, at most
@@ -126,15 +126,16 @@ cdef unsigned long long _taken = 0, _fallbacks = 0, _arenas_made = 0, _arenas_re
 
 
 cdef inline uint32_t _blocks_per_arena(int klass) noexcept:
-    cdef uint64_t block_bytes = (<uint64_t>1) << (klass + GS_MIN_BLOCK_SHIFT)
+    cdef uint64_t block_bytes = gs_class_bytes(klass)
     cdef uint64_t n = ARENA_TARGET // block_bytes
     return <uint32_t>(1 if n < 1 else (MAX_BLOCKS if n > MAX_BLOCKS else n))
 
 
 cdef inline Py_ssize_t _arena_bytes(int klass) noexcept:
+    """Header and blocks, in whole pages (tmpfs allocates no less)."""
     cdef uint32_t n = _blocks_per_arena(klass)
-    return <Py_ssize_t>(gs_arena_data_start(n, PAGE)
-                        + n * ((<uint64_t>1) << (klass + GS_MIN_BLOCK_SHIFT)))
+    cdef uint64_t end = gs_arena_data_start(n, PAGE) + n * gs_class_bytes(klass)
+    return <Py_ssize_t>((end + PAGE - 1) // PAGE * PAGE)
 
 
 cdef Segment _block_segment(Arena arena, uint32_t index, uint32_t gen, Py_ssize_t nbytes):
@@ -187,7 +188,7 @@ cdef Arena _new_arena(int klass):
     arena.path = path
     arena.name = arena.path[1:].decode("ascii")
     arena.nblocks = nblocks
-    arena.block_bytes = (<uint64_t>1) << (klass + GS_MIN_BLOCK_SHIFT)
+    arena.block_bytes = gs_class_bytes(klass)
     arena.data_start = gs_arena_data_start(nblocks, PAGE)
     arena.owner_gen = gs_generation
     arena.free = <uint32_t *>malloc(nblocks * sizeof(uint32_t))
@@ -507,6 +508,15 @@ def disable_pool():
     global _pool_limit
     _pool_limit = 0
     _pool_trim(0.0)
+
+
+def block_size(Py_ssize_t nbytes):
+    """The bytes of the block an array of `nbytes` (> 0) takes, or None if it
+    is larger than any class (tests, diagnostics)."""
+    if nbytes < 1:
+        raise ValueError(f"nbytes must be positive, not {nbytes}")
+    cdef int klass = gs_size_class(nbytes)
+    return None if klass >= N_CLASSES else gs_class_bytes(klass)
 
 
 def pool_trim(double idle_seconds=0.0):
