@@ -62,11 +62,13 @@ def test_a_late_exit_handler_reads_its_own_bytes_while_the_owner_reuses_blocks(h
     assert proc.stdout.splitlines()[-1] == "read 1 1", proc.stdout + proc.stderr
 
 
-def test_a_fork_started_worker_still_gives_its_references_back():
-    """A multiprocessing child started by fork leaves through os._exit, which
-    skips the C exit hook: its references are dropped in its exit handler,
-    or the owner's block would stay taken until the session ends."""
-    proc = run_python("""
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_fork_started_worker_still_gives_its_references_back(method):
+    """A multiprocessing child started by fork or forkserver leaves through
+    os._exit, which skips the C exit hook: its references are dropped in its
+    exit handler, or the owner's block would stay taken until the session
+    ends. (A forkserver child gets the array by pickle: a reference opened.)"""
+    proc = run_python(f"""
         import multiprocessing as mp
         import numpy as np
         from grain_shm import SharedMemoryArray, _shm
@@ -81,7 +83,7 @@ def test_a_fork_started_worker_still_gives_its_references_back():
             arr = SharedMemoryArray((4096,), np.uint8)
             arr.unlink_on_del()
             arr[:] = 4
-            ctx = mp.get_context("fork")
+            ctx = mp.get_context({method!r})
             done = ctx.Event()
             worker = ctx.Process(target=read, args=(arr.view(SharedMemoryArray)[:], done))
             worker.start(); worker.join()
