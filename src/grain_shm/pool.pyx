@@ -379,8 +379,9 @@ cdef Py_ssize_t _let_go(bint every_idle) noexcept:
     that its owner retired or left (`every_idle`: all of them, for a full
     /dev/shm): tmpfs keeps a file's pages while anything maps it, so a cached
     arena would pin memory its owner gave back.  Returns how many went.
-    A pool operation's cost: two loads per cached arena.  An owner killed
-    before it could say it left is found by the trim (_owner_gone)."""
+    What it costs a pool operation: a load per cached arena (two more for
+    those with no live array here).  An owner killed before it could say it
+    left is found by the trim (_owner_gone)."""
     cdef Arena arena
     cdef list idle = None
     if _foreign is None:  # the module is being torn down
