@@ -14,7 +14,8 @@ loop.pyx includes its handles): this file holds the imports and what every
 part shares; then, each readable top to bottom,
 
     segment.pyx      names; create, open, map, unlink; Segment; release
-    pool.pyx         the pool: arenas, take, open, release, trim, the cache
+    pool.pyx         the pool: arenas, take, release, trim, exit
+    pool_cache.pyx   the others' arenas: map, cache, let go; open and unlink blocks
     array_hooks.pyx  wrap, and SharedMemoryArray's __array_wrap__ and __getitem__
     sockets.pyx      the session's AF_UNIX sockets, as file descriptors
 """
@@ -86,5 +87,6 @@ cdef inline double _now() noexcept nogil:
 
 include "segment.pyx"
 include "pool.pyx"
+include "pool_cache.pyx"
 include "array_hooks.pyx"
 include "sockets.pyx"
