@@ -238,11 +238,12 @@ def test_ls_shows_a_pool_arena_with_its_blocks_in_use(tmp_path):
         records = {r["name"]: r for r in json.loads(grain_shm("ls", "--json").stdout)}
         pool = records[arena]["arena"]
         assert pool["blocks_in_use"] == 3 and pool["bytes_in_use"] == 3000
+        assert pool["block_bytes"] == 1024 and pool["bytes_wasted"] == 3 * 1024 - 3000
         assert pool["blocks"] == pool["blocks_in_use"] + pool["blocks_free"] > 3
         assert pool["bytes_free"] == pool["blocks_free"] * pool["block_bytes"]
         assert pool["owner_pid"] == tree.pid and pool["owner_gone"] is False
         table = grain_shm("ls").stdout
-        assert f"3/{pool['blocks']} blocks of" in table
+        assert f"3/{pool['blocks']} blocks of 1.0 KiB in use (2.9 KiB, 72 B wasted)" in table
         assert "1 pool arenas" in table
     finally:
         tree.finish()
@@ -284,7 +285,7 @@ def test_ls_reads_an_arena_header_without_trusting_it():
         records = {r["name"]: r for r in json.loads(grain_shm("ls", "--json").stdout)}
         assert records[good]["arena"] == {
             "blocks": 3, "block_bytes": 1024, "blocks_in_use": 2, "bytes_in_use": 356,
-            "blocks_free": 1, "bytes_free": 1024, "owner_pid": 1234, "owner_gone": False,
+            "bytes_wasted": 2 * 1024 - 356, "blocks_free": 1, "bytes_free": 1024, "owner_pid": 1234, "owner_gone": False,
         }
         for name in forged:
             assert records[name]["arena"] is None, name

@@ -254,3 +254,45 @@ def test_names_are_short_random_and_portable():
     for name in names:
         assert len(name) + 1 <= 30
         assert all(c.isalnum() or c in "_.-" for c in name)
+
+
+PADDED = np.dtype({"names": ["a", "b"], "formats": ["u1", "<u8"], "offsets": [0, 8],
+                   "itemsize": 16})  # 7 padding bytes after `a`
+
+
+def test_a_fresh_segment_starts_zeroed_padding_bytes_too(fresh_segments):
+    """Grain's semantics: a fresh segment is the kernel's zeroed pages, so
+    even bytes no field covers read 0, after memory that held other bytes
+    was given back."""
+    for _ in range(3):
+        dirty = SharedMemoryArray((256,), PADDED)
+        dirty.unlink_on_del()
+        dirty.view(np.uint8)[:] = 0xFF
+        del dirty
+        fresh = SharedMemoryArray((256,), PADDED)
+        fresh.unlink_on_del()
+        assert fresh.metadata.block is None
+        assert not fresh.view(np.uint8).any()
+
+
+def test_a_pooled_array_starts_with_what_its_block_last_held():
+    """The pool's memory is not zeroed, like np.empty (documented in the
+    README, enable_recycling and design.md): a reused block shows its last
+    array's bytes, padding included, until written."""
+    before = _shm.pool_stats()["max_bytes"]
+    SharedMemoryArray.enable_recycling(64 << 20)
+    try:
+        dirty = SharedMemoryArray((256,), PADDED)
+        dirty.unlink_on_del()
+        dirty.view(np.uint8)[:] = 0xFF
+        block = dirty.metadata.block
+        del dirty
+        reused = SharedMemoryArray((256,), PADDED)
+        reused.unlink_on_del()
+        assert reused.metadata.block[0] == block[0]
+        assert (reused.view(np.uint8) == 0xFF).all()
+    finally:
+        if before:
+            SharedMemoryArray.enable_recycling(before)
+        else:
+            SharedMemoryArray._disable_recycling()

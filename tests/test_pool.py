@@ -157,7 +157,7 @@ def test_past_its_bound_the_pool_falls_back_to_fresh_segments():
     try:
         arrays += [owned((MiB,)) for _ in range(4)]  # one arena of 4 x 1 MiB
         assert all(a.metadata.block is not None for a in arrays)
-        arrays.append(owned((5 * MiB,)))
+        arrays.append(owned((7 * MiB + 1,)))  # an 8 MiB block: with its header,
         assert arrays[-1].metadata.block is None  # larger than an arena may be
         arrays += [owned((MiB,)) for _ in range(12)]
         assert arrays[-1].metadata.block is None  # past 16 MiB of arenas
@@ -530,7 +530,9 @@ def test_random_forged_references_never_reach_outside_their_block():
             byte_bounds = np.byte_bounds
 
         SharedMemoryArray.enable_recycling(16 << 20)
-        blocks = [SharedMemoryArray((n,), np.uint8) for n in (1, 300, 4096, 5000)]
+        # Blocks of the classes between powers of two too (320, 5120, 640).
+        blocks = [SharedMemoryArray((n,), np.uint8)
+                  for n in (1, 300, 300, 4096, 5000, 5000, 513, 640)]
         for b in blocks:
             b.unlink_on_del()
             b[:] = 7
@@ -556,6 +558,10 @@ def test_random_forged_references_never_reach_outside_their_block():
                 refused += 1
                 continue
             opened += 1
+            # The block it opened: the target's, or a neighbour's (same size)
+            # if the forged index named one and the offset lay inside it.
+            (target,) = [b for b in blocks if (b.metadata.name, b.metadata.block)
+                         == (forged.name, forged.block)]
             if arr.size:
                 low, high = byte_bounds(arr)
                 start, end = byte_bounds(target.view(np.ndarray))

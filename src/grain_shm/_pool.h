@@ -37,7 +37,9 @@
 
 #include <errno.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #define GS_ARENA_MAGIC "grainshm"
 #define GS_ARENA_VERSION 1u
@@ -68,13 +70,34 @@ typedef struct {
     gs_block blocks[];
 } gs_arena;
 
-/* Block sizes are powers of two from 256 bytes (class 0) up. */
+/* Size classes: 256 bytes (class 0), then four per doubling, each 1.25x,
+ * 1.2x, 1.17x and 1.14x the one before (jemalloc's and mimalloc's spacing),
+ * so a block is at most 1.25x its array's size: class c >= 1 holds
+ * 2^k + j * 2^(k-2) bytes, k = 8 + (c-1)/4, j = 1 + (c-1)%4, that is 320,
+ * 384, 448, 512, 640, ... up to 256 MiB (class 80).  Every class is a
+ * multiple of 64 bytes, so with block 0 at a page every block starts on a
+ * cache line (aligned for every dtype). */
 #define GS_MIN_BLOCK_SHIFT 8
+#define GS_CLASSES 81
 
-/* The smallest class whose blocks hold `nbytes` (> 0). */
+/* The bytes of a block of `klass` (0 to GS_CLASSES - 1). */
+static inline uint64_t gs_class_bytes(int klass) {
+    int k, j;
+    if (klass <= 0) return 1ull << GS_MIN_BLOCK_SHIFT;
+    k = GS_MIN_BLOCK_SHIFT + (klass - 1) / 4;
+    j = 1 + (klass - 1) % 4;
+    return (1ull << k) + ((uint64_t)j << (k - 2));
+}
+
+/* The smallest class whose blocks hold `nbytes` (> 0); GS_CLASSES or more
+ * if none does. */
 static inline int gs_size_class(uint64_t nbytes) {
-    int bits = nbytes <= 1 ? 0 : 64 - __builtin_clzll(nbytes - 1);
-    return bits <= GS_MIN_BLOCK_SHIFT ? 0 : bits - GS_MIN_BLOCK_SHIFT;
+    int k;
+    uint64_t step;
+    if (nbytes <= (1ull << GS_MIN_BLOCK_SHIFT)) return 0;
+    k = 63 - __builtin_clzll(nbytes - 1);  /* 2^k < nbytes <= 2^(k+1) */
+    step = 1ull << (k - 2);
+    return (k - GS_MIN_BLOCK_SHIFT) * 4 + (int)((nbytes - (1ull << k) + step - 1) / step);
 }
 
 static inline uint64_t gs_remote_frees(gs_arena *a) {
@@ -226,52 +249,103 @@ static inline int gs_arena_abandon(gs_arena *a, uint32_t nblocks) {
     return gs_arena_all_free(a, nblocks) && gs_arena_retire(a);
 }
 
-/* The blocks this process holds references to, one node per segment object,
- * for the two moments a process's references change hands wholesale: fork
- * (the child inherits every mapping, so each block gains a reference, taken
+/* The references this process holds, counted per block of each arena it
+ * maps, for the moments they change hands wholesale: fork (the child
+ * inherits every mapping, so each block gains the child's references, taken
  * in the parent before the fork so that the parent cannot free the block in
- * between) and exit (the process drops them all).  Touched with the GIL
- * held, like the owner list.  A fork that fails after the prepare handler
- * leaves those references counted: the blocks stay until the session ends,
+ * between) and exit (the process drops them all).
+ *
+ * The counts live in C memory (malloc), not in Python objects, because the
+ * drop at exit runs after the interpreter is finalized (Py_AtExit): until
+ * then an atexit handler registered before grain_shm's, or a daemon thread,
+ * may still read or write an array, and a block given back earlier could be
+ * another array's by then.  The record keeps what that drop needs (the
+ * mapping, the validated block count, the name), so it uses no Python; the
+ * mapping is never unmapped while a count is held, since every counted
+ * reference belongs to a segment object that keeps its Arena alive.
+ *
+ * Counts are touched with the GIL held, like the owner list; a wholesale
+ * drop bumps `epoch`, so a segment object that outlives it knows that its
+ * reference is gone.  A fork that fails after the prepare handler leaves
+ * the child's references counted: the blocks stay until the session ends,
  * which is wasteful but never wrong. */
-typedef struct gs_blockref {
-    struct gs_blockref *prev;
-    struct gs_blockref *next;
-    gs_block *block;       /* NULL: no reference held (never taken, or dropped) */
-    void *arena;           /* the segment's Arena object (borrowed) */
-} gs_blockref;
+#define GS_HELD_PATH_CAP 32  /* "/gs<13>_.<12>" is 30 with its NUL */
 
-static gs_blockref gs_blockrefs = {&gs_blockrefs, &gs_blockrefs, NULL, NULL};
+typedef struct gs_held {
+    struct gs_held *prev;
+    struct gs_held *next;
+    gs_arena *hdr;
+    uint32_t nblocks;           /* the validated copy, never the header's */
+    uint32_t epoch;             /* bumped by each wholesale drop */
+    uint64_t total;             /* sum of counts */
+    char path[GS_HELD_PATH_CAP];
+    uint32_t counts[];          /* this process's references, per block */
+} gs_held;
 
-static inline void gs_blockref_add(gs_blockref *r, gs_block *block, void *arena) {
-    r->block = block;
-    r->arena = arena;
-    r->next = gs_blockrefs.next;
-    r->prev = &gs_blockrefs;
-    gs_blockrefs.next->prev = r;
-    gs_blockrefs.next = r;
+static gs_held gs_helds = {&gs_helds, &gs_helds, NULL, 0, 0, 0, {0}};
+
+/* A record for an arena just mapped (NULL: out of memory, or a name too long). */
+static gs_held *gs_held_new(gs_arena *hdr, uint32_t nblocks, const char *path) {
+    size_t n = strlen(path);
+    gs_held *h;
+    if (n >= GS_HELD_PATH_CAP) return NULL;
+    h = calloc(1, sizeof(gs_held) + (size_t)nblocks * sizeof(uint32_t));
+    if (h == NULL) return NULL;
+    h->hdr = hdr;
+    h->nblocks = nblocks;
+    memcpy(h->path, path, n + 1);
+    h->next = gs_helds.next;
+    h->prev = &gs_helds;
+    gs_helds.next->prev = h;
+    gs_helds.next = h;
+    return h;
 }
 
-/* Forget `r`; returns the block it held, or NULL if none. */
-static inline gs_block *gs_blockref_take(gs_blockref *r) {
-    gs_block *block = r->block;
-    if (block == NULL) return NULL;
-    r->prev->next = r->next;
-    r->next->prev = r->prev;
-    r->prev = r->next = r;
-    r->block = NULL;
-    return block;
+/* Forget a record whose counts are all zero (its arena is being unmapped). */
+static void gs_held_free(gs_held *h) {
+    h->prev->next = h->next;
+    h->next->prev = h->prev;
+    free(h);
 }
 
-static inline gs_blockref *gs_blockrefs_first(void) {
-    return gs_blockrefs.next == &gs_blockrefs ? NULL : gs_blockrefs.next;
+static inline void gs_held_add(gs_held *h, uint32_t index) {
+    h->counts[index]++;
+    h->total++;
 }
 
-/* fork() prepare: one more reference per block, for the child. */
-static void gs_blockrefs_atfork_prepare(void) {
-    gs_blockref *r;
-    for (r = gs_blockrefs.next; r != &gs_blockrefs; r = r->next)
-        __atomic_add_fetch(&r->block->word, 1, __ATOMIC_SEQ_CST);
+static inline void gs_held_sub(gs_held *h, uint32_t index) {
+    h->counts[index]--;
+    h->total--;
+}
+
+/* fork() prepare: the child's references, one per reference held here. */
+static void gs_helds_atfork_prepare(void) {
+    gs_held *h;
+    uint32_t i;
+    for (h = gs_helds.next; h != &gs_helds; h = h->next)
+        for (i = 0; h->total > 0 && i < h->nblocks; i++)
+            if (h->counts[i] > 0)
+                __atomic_add_fetch(&h->hdr->blocks[i].word, h->counts[i], __ATOMIC_SEQ_CST);
+}
+
+/* Drop every reference this process holds, as its last act: a block freed
+ * here tells its arena's owner, and if the owner has left (this process
+ * too, once its exit hook abandoned its arenas) and the arena is all free,
+ * this process unlinks it.  Atomics and shm_unlink only: it runs after the
+ * interpreter is finalized (Py_AtExit), or for a process that leaves
+ * through os._exit, at its exit hook. */
+static void gs_helds_drop(void) {
+    gs_held *h;
+    uint32_t i;
+    for (h = gs_helds.next; h != &gs_helds; h = h->next) {
+        h->epoch++;
+        for (i = 0; h->total > 0 && i < h->nblocks; i++) {
+            for (; h->counts[i] > 0; h->counts[i]--, h->total--)
+                if (gs_block_release(&h->hdr->blocks[i], 0) &&
+                        gs_arena_freed_remotely(h->hdr, h->nblocks))
+                    shm_unlink(h->path);
+        }
+    }
 }
 
 #endif

@@ -70,11 +70,11 @@ cdef extern from "_pool.h" nogil:
         uint64_t remote_frees
         uint64_t owner_pidns
         gs_block blocks[1]
-    ctypedef struct gs_blockref:
-        gs_blockref *next
-        gs_block *block
-        void *arena
-    enum: GS_MIN_BLOCK_SHIFT
+    ctypedef struct gs_held:  # this process's references in one arena
+        uint32_t epoch
+        uint64_t total
+    enum: GS_CLASSES
+    uint64_t gs_class_bytes(int klass)
     uint64_t GS_LINKED
     uint64_t GS_REFS
     int gs_size_class(uint64_t nbytes)
@@ -95,6 +95,8 @@ cdef extern from "_pool.h" nogil:
     bint gs_arena_retire(gs_arena *a)
     bint gs_arena_freed_remotely(gs_arena *a, uint32_t nblocks)
     bint gs_arena_abandon(gs_arena *a, uint32_t nblocks)
-    void gs_blockref_add(gs_blockref *r, gs_block *block, void *arena)
-    gs_block *gs_blockref_take(gs_blockref *r)
-    gs_blockref *gs_blockrefs_first()
+    gs_held *gs_held_new(gs_arena *hdr, uint32_t nblocks, const char *path)
+    void gs_held_free(gs_held *h)
+    void gs_held_add(gs_held *h, uint32_t index)
+    void gs_held_sub(gs_held *h, uint32_t index)
+    void gs_helds_drop()

@@ -13,7 +13,7 @@
  *
  * The at-fork handlers are plain C because a forked child may run without
  * the GIL, or exec at once.  The prepare handler also gives the child its
- * references to the pool blocks it inherits (gs_blockrefs_atfork_prepare).
+ * references to the pool blocks it inherits (gs_helds_atfork_prepare).
  */
 #ifndef GRAIN_SHM_RELEASE_H
 #define GRAIN_SHM_RELEASE_H
@@ -408,7 +408,7 @@ static void gs_deleter_stats_get(gs_deleter_stats *out) {
 
 /* fork(): hold both locks across it, with nothing in flight. */
 static void gs_atfork_prepare(void) {
-    gs_blockrefs_atfork_prepare();
+    gs_helds_atfork_prepare();
     pthread_mutex_lock(&gs_del.ctl);
     pthread_mutex_lock(&gs_del.mu);
     gs_del.forking = 1;

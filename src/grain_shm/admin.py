@@ -2,7 +2,8 @@
 
 - ls [--json]: grain_shm's segments with size, session, the session root's
   pid, whether it is alive, whether its reaper runs, and age; the pool's
-  arenas (segments carved into blocks) with their blocks and bytes in use.
+  arenas (segments carved into blocks) with their size class (the block
+  size), and their bytes in use, wasted (blocks beyond their arrays) and free.
 - gc [--dry-run]: unlink the segments (arenas included) of dead sessions: the
   root is gone and no process holds the session's sockets (its reaper, or a
   member that created or opened a segment; see grain_shm.reaper). A live
@@ -67,9 +68,10 @@ class ArenaRecord(TypedDict):
     """A pool arena's blocks, as its header says (`segments()` reads it)."""
 
     blocks: int
-    block_bytes: int
+    block_bytes: int  # its size class
     blocks_in_use: int
     bytes_in_use: int  # the arrays' own bytes, not whole blocks
+    bytes_wasted: int  # what the blocks in use hold beyond their arrays' bytes
     blocks_free: int
     bytes_free: int
     owner_pid: int
@@ -113,6 +115,7 @@ def read_arena(path: str) -> ArenaRecord | None:
         "block_bytes": block_bytes,
         "blocks_in_use": len(used),
         "bytes_in_use": sum(used),
+        "bytes_wasted": len(used) * block_bytes - sum(used),
         "blocks_free": nblocks - len(used),
         "bytes_free": (nblocks - len(used)) * block_bytes,
         "owner_pid": owner_pid,
@@ -242,8 +245,8 @@ def _arena_text(arena: ArenaRecord | None) -> str:
     if arena is None:
         return ""
     return (f"{arena['blocks_in_use']}/{arena['blocks']} blocks of "
-            f"{_human(arena['block_bytes'])} in use ({_human(arena['bytes_in_use'])}), "
-            f"{_human(arena['bytes_free'])} free")
+            f"{_human(arena['block_bytes'])} in use ({_human(arena['bytes_in_use'])}, "
+            f"{_human(arena['bytes_wasted'])} wasted), {_human(arena['bytes_free'])} free")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -270,7 +273,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     arenas = [r["arena"] for r in records if r["arena"] is not None]
     if arenas:
         print(f" ({len(arenas)} pool arenas: {_human(sum(a['bytes_in_use'] for a in arenas))} "
-              f"in use, {_human(sum(a['bytes_free'] for a in arenas))} free)", end="")
+              f"in use, {_human(sum(a['bytes_wasted'] for a in arenas))} wasted, "
+              f"{_human(sum(a['bytes_free'] for a in arenas))} free)", end="")
     if dead:
         print(f"; {len(dead)} of dead sessions: `python -m grain_shm gc` frees "
               f"{_human(sum(r['size'] for r in dead))}")

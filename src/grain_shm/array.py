@@ -95,6 +95,10 @@ class SharedMemoryArray(np.ndarray):
     Send it to another process (pickle, multiprocessing queues) and that
     process maps the same memory, with no copy. The name is unlinked when the
     array marked with `unlink_on_del()`, and every view of it, is gone.
+
+    A new array in a fresh segment starts zeroed (the kernel's new pages),
+    padding bytes included; one from the pool (`enable_recycling`) is not
+    zeroed: it starts with whatever its block last held, like `np.empty`.
     """
 
     def __new__(cls, shape: Iterable[int], dtype: npt.DTypeLike = float) -> SharedMemoryArray:
@@ -196,7 +200,9 @@ class SharedMemoryArray(np.ndarray):
         is reused only after it has been unlinked (`unlink_on_del()`,
         `close_and_unlink_shm()`) and no process maps it any more, and a
         stale reference raises FileNotFoundError. Receivers need not enable
-        anything: they map each arena once and keep it mapped.
+        anything: they map each arena once and keep it mapped. A pooled
+        array's memory is not zeroed: it holds what its block last held,
+        like `np.empty` (a fresh segment starts zeroed).
 
         `max_bytes` bounds this process's arenas (default: a quarter of
         /dev/shm); an arena may take at most half of it. Past it, and for
@@ -339,7 +345,7 @@ def _rebuild_metadata(
 
 def _default_pool_bytes() -> int:
     """A quarter of /dev/shm: room for the pool without starving fresh segments
-    (blocks round sizes up to a power of two; idle arenas hold memory)."""
+    (blocks round sizes up by at most a quarter; idle arenas hold memory)."""
     space = names.shm_space()
     return max((space[0] if space else 0) // 4, 1 << 20)
 
