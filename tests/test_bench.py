@@ -14,15 +14,23 @@ import sys
 
 import pytest
 
+import grain_shm
 from conftest import run_python
 
 SECTIONS = ["ceilings", "transfer", "cfd", "release", "grain-pipeline", "pipeline"]
 HAVE_GRAIN = importlib.util.find_spec("grain") is not None
+# The peers of the `compare` extra; grain_shm.Queue until it lands (issue 17).
+PEERS = {"faster-fifo": "faster_fifo", "iceoryx2": "iceoryx2"}
+HAVE = {name: importlib.util.find_spec(module) is not None for name, module in PEERS.items()}
+HAVE_QUEUE = hasattr(grain_shm, "Queue")
 # The handoff ring relies on x86's store order; elsewhere its cell is skipped.
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 TRANSPORTS = ["pickle", "stdlib", "grain_shm", "grain_shm-async", "grain_shm-recycle",
-              "grain_shm-recycle-async"]
-POOLED = {"grain_shm-recycle", "grain_shm-recycle-async"}
+              "grain_shm-recycle-async", "grain_shm-queue", "faster-fifo", "iceoryx2"]
+# Transfer only: each is another queue for arrays the others already make.
+TRANSFER_ONLY = {"grain_shm-queue", "faster-fifo", "iceoryx2"}
+QUEUES = ["multiprocessing.Queue", "faster-fifo", "iceoryx2", "grain_shm.Queue"]
+POOLED = {"grain_shm-recycle", "grain_shm-recycle-async", "grain_shm-queue"}
 # The pipeline runs grain_shm's prefetcher (and with the pool) and Pool.imap (pickle).
 PIPELINE = ["grain_shm", "grain_shm-recycle", "pickle"]
 SUMMARY_KEYS = {"n", "median", "p10", "p90", "min", "max", "mean"}
@@ -67,7 +75,9 @@ def test_every_cell_ran_or_says_why_not(quick_run):
     cells = {(c["section"], c["transport"]): c for c in doc["cells"]}
     expected = {("ceilings", None), ("ceilings", "cross-process"), ("grain-pipeline", "grain_shm"),
                 ("grain-pipeline", "grain_shm-recycle")}
-    expected |= {(s, t) for s in SECTIONS[1:4] for t in TRANSPORTS}
+    expected |= {("ceilings", f"queue:{kind}") for kind in QUEUES}
+    expected |= {("transfer", t) for t in TRANSPORTS}
+    expected |= {(s, t) for s in SECTIONS[2:4] for t in TRANSPORTS if t not in TRANSFER_ONLY}
     if "pipeline" not in doc["config"]["left_out_sizes"]:  # 256 x 64 KiB batches: 128 MiB
         expected |= {("pipeline", t) for t in PIPELINE}
     assert cells.keys() == expected
@@ -76,6 +86,11 @@ def test_every_cell_ran_or_says_why_not(quick_run):
             assert cell["status"] == "skipped" and "grain is not installed" in cell["reason"]
         elif key == ("ceilings", "cross-process") and not X86:
             assert cell["status"] == "skipped" and "TSO" in cell["reason"]
+        elif key[1] in ("grain_shm-queue", "queue:grain_shm.Queue") and not HAVE_QUEUE:
+            assert cell["status"] == "skipped", cell
+            assert cell["reason"] == "grain_shm.Queue is unavailable: this grain_shm has no Queue yet"
+        elif str(key[1]).removeprefix("queue:") in PEERS and not HAVE[key[1].removeprefix("queue:")]:
+            assert cell["status"] == "skipped" and "pip install 'grain_shm[compare]'" in cell["reason"]
         else:
             assert cell["status"] == "ok", cell
 
@@ -102,28 +117,30 @@ def test_figures_are_where_the_json_promises(quick_run):
             assert result["elements_per_s"].keys() == result["gbps"].keys() == SUMMARY_KEYS
             assert result["startup_s"] > 0 and 0 <= result["consumer_waiting"] <= 1
         elif cell["section"] == "ceilings" and cell["transport"] == "cross-process":
-            queue = result["queue"]
-            assert queue["depth"] == doc["config"]["transfer_queue_depth"]
-            assert queue["timed_messages"] >= 3
-            assert queue["messages_per_s"].keys() == SUMMARY_KEYS
-            assert queue["messages_per_s"]["median"] > 0
             assert min(result["ring_sizes"]) >= 2
             (row,) = result["sizes"]
             assert row["size"] == 65536
             by_ring = row["handoff"]["gbps_by_ring"]
             assert sorted(map(int, by_ring)) == sorted(result["ring_sizes"])
-            assert row["handoff"]["gbps"]["median"] == max(by_ring.values())
+            # The ceiling is the best ring's best segment.
+            assert row["handoff"]["gbps"]["max"] == max(by_ring.values())
             assert by_ring[str(row["handoff"]["ring_blocks"])] == max(by_ring.values())
             assert row["handoff"]["timed_blocks"] >= 3
             assert row["handoff"]["gbps"].keys() == row["handoff"]["blocks_per_s"].keys()
             assert row["handoff"]["gbps"].keys() == SUMMARY_KEYS
             assert row["handoff"]["gbps"]["median"] > 0
-            assert row["queue_bound_gbps"] == pytest.approx(
-                queue["messages_per_s"]["median"] * 65536 / 1e9)
+        elif cell["section"] == "ceilings" and str(cell["transport"]).startswith("queue:"):
+            assert result["kind"] == cell["transport"][len("queue:"):]
+            assert result["depth"] == doc["config"]["transfer_queue_depth"]
+            assert result["timed_messages"] >= 3
+            assert result["messages_per_s"].keys() == result["latency_us"].keys() == SUMMARY_KEYS
+            assert result["messages_per_s"]["median"] > 0
+            assert result["latency_us"]["n"] >= 3 and result["latency_us"]["median"] > 0
+            assert result["latency_p99_us"] >= result["latency_us"]["median"]
         elif cell["section"] == "ceilings":
             (row,) = result["sizes"]
             for figure in ("memcpy", "first_touch_fill", "fresh_read"):
-                assert row[figure]["gbps"] > 0
+                assert row[figure]["best_gbps"] >= row[figure]["gbps"] > 0
                 assert row[figure]["us"].keys() == SUMMARY_KEYS
         else:
             (row,) = result["sizes"]
@@ -150,10 +167,88 @@ def test_no_leak_and_tables_printed(quick_run):
     assert "| 64 KiB | grain_shm-recycle |" in proc.stdout
     assert "pool MiB" in proc.stdout
     if "pipeline" in doc["config"]["left_out_sizes"]:  # a container's 64 MiB /dev/shm
-        assert "[cell 22/22]" in proc.stderr and "Left out for want of room" in proc.stdout
+        assert "[cell 29/29]" in proc.stderr and "Left out for want of room" in proc.stdout
     else:
-        assert "[cell 25/25]" in proc.stderr
+        assert "[cell 32/32]" in proc.stderr
         assert "| element | variant | elements/s |" in proc.stdout
+
+
+def test_a_missing_peer_or_queue_is_left_out_with_a_note(monkeypatch):
+    """A peer whose package is not installed, and grain_shm-queue while
+    grain_shm has no Queue, are skipped with a note that says why (and what
+    to install), once for the transport and its queue's ceiling."""
+    from grain_shm.bench import report, transports
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "faster_fifo" else real(name, *a))
+    want = "faster_fifo is not installed (pip install 'grain_shm[compare]')"
+    assert transports.missing("faster-fifo") == transports.missing("queue:faster-fifo") == want
+    assert transports.missing("pickle") is transports.missing("queue:multiprocessing.Queue") is None
+    monkeypatch.delattr(grain_shm, "Queue", raising=False)
+    queue = "grain_shm.Queue is unavailable: this grain_shm has no Queue yet"
+    assert transports.missing("grain_shm-queue") == transports.missing("queue:grain_shm.Queue") == queue
+    cells = [{"section": section, "transport": transport, "sizes": sizes, "status": "skipped",
+              "reason": transports.missing(transport)}
+             for section, transport, sizes in [("transfer", "faster-fifo", [4096]),
+                                               ("transfer", "faster-fifo", [65536]),
+                                               ("ceilings", "queue:faster-fifo", []),
+                                               ("transfer", "grain_shm-queue", [4096])]]
+    doc = {"cells": cells, "config": {"left_out": None},
+           "leak_check": {"ok": True, "dir": "/dev/shm", "leaked": []}}
+    assert report._notes(doc) == [f"faster-fifo, queue:faster-fifo skipped: {want}",
+                                  f"grain_shm-queue skipped: {queue}",
+                                  "Leak check: /dev/shm holds nothing new."]
+
+
+def test_grain_shm_queue_runs_unchanged_once_the_queue_exists():
+    """grain_shm-queue is coded against grain_shm.Queue(maxsize)'s interface
+    (multiprocessing.Queue's): with a stand-in behind that constructor, its
+    transfer and its queue's ceiling run, every byte checked, the pool on."""
+    run_python("""
+        import multiprocessing
+
+        import grain_shm
+        from grain_shm.bench import SECTIONS, runner, transports
+
+        def stand_in(maxsize=0):
+            return multiprocessing.get_context("spawn").Queue(maxsize)
+
+        if __name__ == "__main__":
+            grain_shm.Queue = stand_in
+            assert transports.missing("grain_shm-queue") is None
+            transfer = runner.run_cell(runner.Cell("transfer", "grain_shm-queue", (65536,),
+                                                   0.05, 3, 4), SECTIONS["transfer"])
+            assert transfer["status"] == "ok", transfer
+            assert transfer["result"]["arrays"] >= 5
+            assert transfer["result"]["pool_arena_bytes"] > 0
+            ceiling = runner.run_cell(runner.Cell("ceilings", "queue:grain_shm.Queue", (),
+                                                  0.005, 3, 4), SECTIONS["ceilings"])
+            assert ceiling["status"] == "ok", ceiling
+            assert ceiling["result"]["kind"] == "grain_shm.Queue"
+    """)
+
+
+@pytest.mark.parametrize("peer", ["faster-fifo", "iceoryx2"])
+def test_a_peer_moves_every_size_it_is_given(peer, tmp_path):
+    """Each peer carries arrays from 4 KiB to 1 MiB, checked byte for byte by
+    the consumer, bounded as deep as the others, and leaves /dev/shm clean
+    (iceoryx2's management files included)."""
+    if not HAVE[peer]:
+        pytest.skip(f"{PEERS[peer]} is not installed")
+    path = tmp_path / "bench.json"
+    proc = run_bench("--quick", "--sections", "ceilings,transfer", "--sizes", "4K,1M",
+                     "--transports", peer, "--queue-depth", "2", "--json", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(path.read_text())
+    assert doc["leak_check"]["ok"]
+    cells = {(c["transport"], tuple(c["sizes"])): c for c in doc["cells"]}
+    for size in (4096, 1 << 20):
+        cell = cells[peer, (size,)]
+        assert cell["status"] == "ok", cell
+        assert cell["result"]["arrays"] >= 5 and cell["queue_depth"] == 2
+    assert cells[f"queue:{peer}", ()]["status"] == "ok"
+    assert cells["queue:multiprocessing.Queue", ()]["status"] == "ok"
 
 
 def markdown_table(stdout, *headers):
@@ -175,14 +270,27 @@ def markdown_table(stdout, *headers):
 @pytest.mark.skipif(not X86, reason="the handoff ceiling runs on x86 only")
 def test_ceilings_table_shows_the_cross_process_ceilings(quick_run):
     doc, proc = quick_run
-    (cross,) = [c for c in doc["cells"] if c["transport"] == "cross-process"]
-    rate = cross["result"]["queue"]["messages_per_s"]["median"]
-    assert f"queue-bound = size × {rate:,.0f} messages/s" in proc.stdout
     (cells,) = markdown_table(proc.stdout, "size", "memcpy GB/s")
     assert cells["size"] == "64 KiB"
     assert float(cells["handoff GB/s"]) > 0
-    assert float(cells["queue-bound GB/s"]) > 0
     assert "-" in cells["handoff p10-p90"]
+    assert "Ceilings of this machine: the best of the repetitions" in proc.stdout
+
+
+def test_queues_table_has_each_queue_rate_and_latency(quick_run):
+    doc, proc = quick_run
+    rows = {row["queue"]: row for row in markdown_table(proc.stdout, "queue", "messages/s")}
+    assert list(rows) == QUEUES
+    for kind, row in rows.items():
+        (cell,) = [c for c in doc["cells"] if c["transport"] == f"queue:{kind}"]
+        if cell["status"] != "ok":
+            assert row["messages/s"] == "skipped"
+            continue
+        result = cell["result"]
+        assert row["messages/s"] == f"{result['messages_per_s']['max']:,.0f}"
+        assert row["median"] == f"{result['messages_per_s']['median']:,.0f}"
+        assert float(row["latency p50 µs"].replace(",", "")) > 0
+        assert float(row["latency p99 µs"].replace(",", "")) > 0
 
 
 @pytest.mark.skipif(not X86, reason="the handoff ceiling runs on x86 only")
@@ -193,12 +301,14 @@ def test_pool_of_ceiling_is_of_the_handoff_or_the_queue(quick_run):
     doc, proc = quick_run
     (cross,) = [c for c in doc["cells"] if c["transport"] == "cross-process"]
     (row,) = cross["result"]["sizes"]
-    bound = min(row["handoff"]["gbps"]["median"], row["queue_bound_gbps"])
+    (queue,) = [c for c in doc["cells"] if c["transport"] == "queue:multiprocessing.Queue"]
+    by_queue = queue["result"]["messages_per_s"]["max"] * 65536 / 1e9
+    bound = min(row["handoff"]["gbps"]["max"], by_queue)
     (one,) = [c for c in doc["cells"] if c["section"] == "ceilings" and c["transport"] is None]
     (single,) = one["result"]["sizes"]
-    fresh_bound = min(single["first_touch_fill"]["gbps"], single["fresh_read"]["gbps"])
+    fresh_bound = min(single["first_touch_fill"]["best_gbps"], single["fresh_read"]["best_gbps"])
     table = {row["transport"]: row for row in markdown_table(proc.stdout, "size", "transport")}
-    assert "for -recycle: of the lower of handoff and queue-bound" in proc.stdout
+    assert "of the lower of the handoff and its queue's best rate × size" in proc.stdout
     for transport, want in [("grain_shm-recycle", bound), ("grain_shm-recycle-async", bound),
                             ("grain_shm", fresh_bound)]:
         (cell,) = [c for c in doc["cells"]
@@ -375,13 +485,14 @@ def test_queue_depth_is_the_transfers_and_its_ceilings(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(path.read_text())
     assert doc["config"]["transfer_queue_depth"] == 2
-    assert "multiprocessing.Queue (2 deep)" in proc.stdout
+    assert "queue (2 deep: multiprocessing.Queue" in proc.stdout
     for cell in doc["cells"]:
-        if cell["section"] == "transfer" or cell["transport"] == "cross-process":
+        if cell["section"] == "transfer" or cell["section"] == "ceilings" and cell["transport"]:
             assert cell["queue_depth"] == 2
+    (queue,) = [c for c in doc["cells"] if c["transport"] == "queue:multiprocessing.Queue"]
+    assert queue["result"]["depth"] == 2
     if X86:
         (cross,) = [c for c in doc["cells"] if c["transport"] == "cross-process"]
-        assert cross["result"]["queue"]["depth"] == 2
         assert cross["result"]["ring_sizes"] == [2, 4]
 
 

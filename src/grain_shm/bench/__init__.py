@@ -18,7 +18,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 from grain_shm import names
 from grain_shm.bench import (
-    ceilings, grain_pipeline, leaks, machine, micro, pipeline, plot, report, runner, transfer,
+    ceilings, grain_pipeline, leaks, machine, micro, pipeline, plot, queue_ceilings, queues,
+    report, runner, transfer,
 )
 from grain_shm.bench.payload import check_size
 from grain_shm.bench.report import RunRecord
@@ -41,8 +42,8 @@ GRAIN_PIPELINE_SIZES = (4 * MiB,)
 
 # (seconds, minimum count): per transfer cell, per size in the other sections;
 # grain-pipeline: (seconds of repeated runs, elements per run).
-# The default run takes a few minutes; --quick takes well under one (it is
-# dominated by starting two interpreters per transfer cell).
+# The default run takes a few minutes; --quick one to two (it is dominated by
+# starting two interpreters per transfer cell, and by pickling 128 MiB arrays).
 BUDGETS = {
     "full": {"transfer": (2.5, 10), "cfd": (0.3, 20), "release": (0.3, 20), "ceilings": (0.2, 10),
              "grain-pipeline": (20.0, 96), "pipeline": (3.0, 10)},
@@ -130,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m grain_shm bench",
         description="Move NumPy arrays between processes with grain_shm, pickle, the "
-        "stdlib shared_memory path (and Grain, SharedArray if installed); compare.",
+        "stdlib shared_memory path (and Grain, SharedArray, faster-fifo, iceoryx2 if "
+        "installed); compare.",
     )
     parser.add_argument("--quick", action="store_true",
                         help="every section with tiny budgets: a smoke test (CI), under a minute")
@@ -149,6 +151,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", metavar="PATH.png", help="throughput vs size (needs matplotlib)")
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     return parser
+
+
+def _queue_kinds(chosen: Sequence[str]) -> List[str]:
+    """The queues whose own ceilings the run measures: multiprocessing.Queue
+    (every other transport's) and those of the chosen transports."""
+    used = {"multiprocessing.Queue"} | {TRANSPORTS[t].queue for t in chosen}
+    return [kind for kind in queues.KINDS if kind in used]
 
 
 def plan(
@@ -175,6 +184,8 @@ def plan(
                 cells.append(Cell(section, None, sizes, budget, least))
             if moved:
                 cells.append(Cell(section, ceilings.CROSS_PROCESS, moved, budget, least, depth))
+            cells += [Cell(section, queue_ceilings.cell_transport(kind), (), budget, least, depth)
+                      for kind in _queue_kinds(args.transports)]
         elif section == "grain-pipeline":  # its own transports: stock Grain, Grain on grain_shm
             cells += [Cell(section, t, (size,), budget, least)
                       for size in _fitting(section, args.sizes or GRAIN_PIPELINE_SIZES,
@@ -194,7 +205,8 @@ def plan(
             sizes = _fitting(section, args.sizes or MICRO_SIZES, room,
                              {} if "cfd" in chosen and section == "release" else left_out,
                              fixed)
-            cells += [Cell(section, t, sizes, budget, least) for t in args.transports if sizes]
+            cells += [Cell(section, t, sizes, budget, least) for t in args.transports
+                      if sizes and section in TRANSPORTS[t].sections]
     return cells
 
 
