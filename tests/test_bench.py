@@ -36,6 +36,9 @@ PIPELINE = ["grain_shm", "grain_shm-recycle", "pickle"]
 SUMMARY_KEYS = {"n", "median", "p10", "p90", "min", "max", "mean"}
 
 
+SMOKE_TEST = "--verbose prints every table."  # the end of --quick's last line
+
+
 def run_bench(*args, timeout=120):
     return subprocess.run(
         [sys.executable, "-m", "grain_shm", "bench", *args],
@@ -171,6 +174,52 @@ def test_no_leak_and_tables_printed(quick_run):
     else:
         assert "[cell 32/32]" in proc.stderr
         assert "| element | variant | elements/s |" in proc.stdout
+
+
+def test_summary_is_last_and_in_the_json(quick_run):
+    """The run ends with its headline: per size, the fastest grain_shm
+    transport against pickle and the fastest peer, each ratio with its
+    spread, then what quick figures are worth; the JSON holds the same."""
+    doc, proc = quick_run
+    (headline,) = doc["summary"]
+    assert headline.keys() == {"size", "transport", "arrays_per_s", "vs_pickle", "vs_best_peer"}
+    assert headline["size"] == 65536 and headline["transport"].startswith("grain_shm")
+    transfer = {c["transport"]: c for c in doc["cells"]
+                if c["section"] == "transfer" and c["status"] == "ok"}
+    ours = {t: c for t, c in transfer.items() if t.startswith("grain_shm")}
+    peers = {t: c for t, c in transfer.items() if not t.startswith("grain_shm") and t != "pickle"}
+    def median(cell):
+        return cell["result"]["arrays_per_s"]["median"]
+    assert headline["transport"] == max(ours, key=lambda t: median(ours[t]))
+    assert headline["arrays_per_s"] == median(ours[headline["transport"]])
+    assert headline["vs_pickle"]["of"] == "pickle"
+    assert headline["vs_best_peer"]["of"] == max(peers, key=lambda t: median(peers[t]))
+    for ratio in (headline["vs_pickle"], headline["vs_best_peer"]):
+        assert ratio.keys() == {"of", "median", "low", "high"}
+        assert ratio["low"] <= ratio["median"] <= ratio["high"]
+    lines = proc.stdout.rstrip().splitlines()
+    assert lines[-3].startswith("Summary: arrays/s from one process to another (queue 4 deep)")
+    assert lines[-2].split()[:3] == ["64", "KiB", headline["transport"]]
+    assert f"× pickle (" in lines[-2] and f"× {headline['vs_best_peer']['of']} (" in lines[-2]
+    assert lines[-1].startswith("Quick figures are a smoke test")
+    assert "`python -m grain_shm bench`" in lines[-1] and lines[-1].endswith(SMOKE_TEST)
+
+
+def test_quick_prints_its_summary_alone_unless_verbose(tmp_path):
+    """bench --quick shows a newcomer the summary, not a wall of noisy tables;
+    --verbose prints the tables too (and --json holds them either way)."""
+    common = ["--quick", "--sections", "transfer", "--sizes", "4K", "--transports", "pickle,grain_shm"]
+    short = run_bench(*common, "--json", str(tmp_path / "short.json"))
+    verbose = run_bench(*common, "--verbose")
+    for proc in (short, verbose):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.rstrip().endswith(SMOKE_TEST)
+        assert "Summary: arrays/s" in proc.stdout
+    assert "producer CPU µs" not in short.stdout and "producer CPU µs" in verbose.stdout
+    assert len(short.stdout.splitlines()) < 12
+    doc = json.loads((tmp_path / "short.json").read_text())
+    assert {c["transport"] for c in doc["cells"]} == {"pickle", "grain_shm"}
+    assert doc["summary"][0]["vs_best_peer"] is None  # no peer chosen
 
 
 def test_a_missing_peer_or_queue_is_left_out_with_a_note(monkeypatch):
@@ -449,7 +498,8 @@ def test_a_container_sized_dev_shm_leaves_out_the_sizes_without_room(tmp_path):
     assert "left out for want of room in /dev/shm (64 MiB free" in proc.stderr
     assert "ceilings 16 MiB; transfer 16 MiB" in proc.stderr
     assert "Left out for want of room" in proc.stdout
-    assert proc.stdout.rstrip().endswith("holds nothing new.")  # and `ls -A` printed nothing
+    assert "Leak check: /dev/shm holds nothing new." in proc.stdout
+    assert proc.stdout.rstrip().endswith(SMOKE_TEST)  # and `ls -A` printed nothing
     doc = json.loads(path.read_text())
     assert doc["ok"]
     assert doc["config"]["left_out_sizes"] == {"ceilings": [16 << 20], "transfer": [16 << 20]}
@@ -481,7 +531,7 @@ def test_queue_depth_is_the_transfers_and_its_ceilings(tmp_path):
     path = tmp_path / "bench.json"
     proc = run_bench("--quick", "--sections", "ceilings,transfer", "--sizes", "64K",
                      "--transports", "pickle,grain_shm-recycle", "--queue-depth", "2",
-                     "--json", str(path))
+                     "--json", str(path), "--verbose")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(path.read_text())
     assert doc["config"]["transfer_queue_depth"] == 2

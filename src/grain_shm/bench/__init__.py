@@ -1,9 +1,10 @@
 """`python -m grain_shm bench`: grain_shm against pickle and the stdlib, in one run.
 
 Plans the cells (section x transport x size), runs each in fresh spawned
-processes, checks /dev/shm for leaks, prints the tables and writes the JSON
-and the plot. Exit status 0 only if every cell that ran passed its checks
-and nothing leaked; 2 for bad arguments.
+processes, checks /dev/shm for leaks, prints the tables (for --quick only
+with --verbose or --markdown: its figures are a smoke test) and last a
+summary, and writes the JSON and the plot. Exit status 0 only if every cell
+that ran passed its checks and nothing leaked; 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, cast
 from grain_shm import names
 from grain_shm.bench import (
     ceilings, grain_pipeline, leaks, machine, micro, pipeline, plot, queue_ceilings, queues,
-    report, runner, transfer,
+    report, runner, summary, transfer,
 )
 from grain_shm.bench.payload import check_size
 from grain_shm.bench.report import RunRecord
@@ -150,6 +151,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", help="write every figure, machine and versions")
     parser.add_argument("--plot", metavar="PATH.png", help="throughput vs size (needs matplotlib)")
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print every table (a full run always does; --quick prints its "
+                        "summary alone otherwise)")
     return parser
 
 
@@ -259,10 +263,12 @@ def main(argv: Sequence[str]) -> int:
     }
     watch = leaks.Watch()
     doc["cells"] = runner.run(cells, SECTIONS, watch)
+    doc["summary"] = summary.headlines(doc["cells"], doc["config"]["transfer_sizes"])
     doc["leak_check"] = watch.result()
     doc["elapsed_s"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     doc["ok"] = doc["leak_check"]["ok"] and all(c["status"] != "error" for c in doc["cells"])
-    sys.stdout.write(report.render(doc, markdown=args.markdown))
+    tables = not args.quick or args.verbose or args.markdown
+    sys.stdout.write(report.render(doc, markdown=args.markdown, tables=tables))
     if args.json:
         with open(args.json, "w") as out:
             json.dump(doc, out, indent=1)

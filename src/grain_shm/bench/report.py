@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple, TypedDict
 
 from grain_shm.bench import ceilings as ceilings_section
-from grain_shm.bench import machine, pipeline, queue_ceilings, queues
+from grain_shm.bench import machine, pipeline, queue_ceilings, queues, summary
 from grain_shm.bench.transports import TRANSPORTS
 from grain_shm.bench.leaks import LeakCheck
 from grain_shm.bench.runner import CellRecord, Result, format_size
@@ -49,6 +49,7 @@ class RunRecord(_RunStart, total=False):
 
     config: RunConfig
     cells: List[CellRecord]
+    summary: List[summary.Headline]
     leak_check: LeakCheck
     elapsed_s: float
     ok: bool
@@ -410,13 +411,16 @@ def _notes(doc: RunRecord) -> List[str]:
     return notes
 
 
-def render(doc: RunRecord, markdown: bool = False) -> str:
-    """Every table of the run, then skips, failures and the leak verdict."""
+def render(doc: RunRecord, markdown: bool = False, tables: bool = True) -> str:
+    """Every table of the run (unless `tables` is False), then skips,
+    failures and the leak verdict, and last the summary."""
     parts = [machine.headline(doc["machine"], doc["versions"], doc["started"])]
-    for title, headers, rows in _tables(doc):
+    for title, headers, rows in _tables(doc) if tables else []:
         left = 2 if headers[1] in ("transport", "variant") else 1
         heading = f"**{title}**" if markdown else title
         parts.append(f"{heading}\n\n{_render(headers, rows, markdown, left)}")
     bullet = "- " if markdown else ""
     parts.append("\n".join(bullet + note for note in _notes(doc)))
+    parts.append(summary.render(doc["summary"], doc["config"]["quick"],
+                                doc["config"]["transfer_queue_depth"]))
     return "\n\n".join(parts) + "\n"
