@@ -448,5 +448,5 @@ def render(doc: RunRecord, markdown: bool = False, tables: bool = True) -> str:
     bullet = "- " if markdown else ""
     parts.append("\n".join(bullet + note for note in _notes(doc)))
     parts.append(summary.render(doc["summary"], doc["config"]["quick"],
-                                doc["config"]["transfer_queue_depth"]))
+                                doc["config"]["transfer_queue_depth"], markdown))
     return "\n\n".join(parts) + "\n"

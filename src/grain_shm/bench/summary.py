@@ -81,17 +81,22 @@ def _times(ratio: Ratio) -> str:
     return f"{short(ratio['median'])}× {ratio['of']} ({short(ratio['low'])}-{short(ratio['high'])})"
 
 
-def render(lines: List[Headline], quick: bool, depth: int) -> str:
-    """The summary's text: a title, a line per size, what the figures are worth."""
-    out = [f"Summary: arrays/s from one process to another (queue {depth} deep), the fastest "
-           "grain_shm transport against pickle and the fastest peer; median (p10/p90 spread)"]
+def render(lines: List[Headline], quick: bool, depth: int, markdown: bool = False) -> str:
+    """The summary's text: a title, a line per size, what the figures are worth
+    (in markdown: the title bold, a bullet per size)."""
+    title = (f"Summary: arrays/s from one process to another (queue {depth} deep), the fastest "
+             "grain_shm transport against pickle and the fastest peer; median (p10/p90 spread)")
+    out = [f"**{title}**\n" if markdown else title]
+    indent = "- " if markdown else "  "
     if not lines:
-        out.append("  no grain_shm transfer cell passed: nothing to compare (see the notes)")
+        out.append(f"{indent}no grain_shm transfer cell passed: nothing to compare (see the notes)")
     width = max((len(h["transport"]) for h in lines), default=0)
     for h in lines:
         ratios = [_times(r) for r in (h["vs_pickle"], h["vs_best_peer"]) if r is not None]
-        out.append(f"  {format_size(h['size']):>7}  {h['transport']:<{width}}  "
+        out.append(f"{indent}{format_size(h['size']):>7}  {h['transport']:<{width}}  "
                    f"{h['arrays_per_s']:>9,.0f}/s  " + "  ".join(ratios))
+    if markdown:
+        out.append("")
     if quick:
         out.append("Quick figures are a smoke test (tiny budgets, figures swing up to 10× "
                    "between runs): for real ones run `python -m grain_shm bench` (a few "
