@@ -509,6 +509,32 @@ def test_leak_check_blames_the_run_only_for_what_no_one_else_holds(tmp_path):
                 os.unlink(path)
 
 
+def test_leak_check_waits_longer_for_a_semaphore_than_for_a_segment(tmp_path):
+    """On a busy machine other programs' multiprocessing semaphores linger
+    unheld for seconds before their owners remove them: the check waits
+    for those, and still blames one that stays."""
+    import threading
+
+    from grain_shm.bench import leaks
+
+    stem = f"/dev/shm/{leaks.SEMAPHORE_PREFIX}grain_shm_bench_test{os.getpid()}"
+    going, staying = f"{stem}_going", f"{stem}_staying"
+    watch = leaks.Watch()
+    for path in (going, staying):
+        open(path, "wb").close()
+    remover = threading.Timer(0.5, os.unlink, (going,))
+    try:
+        watch.after("a cell")
+        remover.start()
+        verdict = watch.result(settle=0.0, semaphore_settle=2.0)
+        assert verdict["leaked"] == [{"name": os.path.basename(staying), "after_cell": "a cell"}]
+    finally:
+        remover.join()
+        for path in (going, staying):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
 def _unshare_works():
     import shutil
 
