@@ -201,7 +201,7 @@ def test_summary_is_last_and_in_the_json(quick_run):
     lines = [line.removeprefix("- ") for line in proc.stdout.rstrip().splitlines() if line]
     assert lines[-3].startswith("**Summary: arrays/s from one process to another (queue 4 deep)")
     assert lines[-2].split()[:3] == ["64", "KiB", headline["transport"]]
-    assert f"× pickle (" in lines[-2] and f"× {headline['vs_best_peer']['of']} (" in lines[-2]
+    assert "× pickle (" in lines[-2] and f"× {headline['vs_best_peer']['of']} (" in lines[-2]
     assert lines[-1].startswith("Quick figures are a smoke test")
     assert "`python -m grain_shm bench`" in lines[-1] and lines[-1].endswith(SMOKE_TEST)
 

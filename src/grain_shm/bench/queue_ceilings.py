@@ -64,11 +64,11 @@ def _sender(kind: str, q: Any, abort: Event) -> Callable[[Optional[float]], None
 
         def send_sample(stamp: Optional[float]) -> None:
             if stamp is None:
-                return q.put(None)  # type: ignore[no-any-return]
+                q.put(None)  # the end mark: an empty sample
+                return
             sample = q.loan(nbytes)
             np.frombuffer(sample.payload().as_memory_view(), np.float64, 1)[0] = stamp
             q.put(sample.assume_init())
-            return None
 
         return send_sample
 
