@@ -330,6 +330,7 @@ def test_a_share_above_a_ceiling_is_marked_and_explained():
     headers, (cells,) = report.transfer_table(doc)
     assert cells[headers.index("of ceiling")] == "150%†"
     assert report.OVER_NOTE in report._notes(doc)
+    assert report.OVER_NOTE not in report._notes(doc, tables=False)  # no † printed to explain
     transfer["gbps"] = summary(0.5)
     headers, (cells,) = report.transfer_table(doc)
     assert cells[headers.index("of ceiling")] == "50%"

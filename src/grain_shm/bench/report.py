@@ -410,7 +410,8 @@ def _beyond_a_ceiling(doc: RunRecord) -> bool:
     return any(OVER in cell for _, rows in tables for row in rows for cell in row)
 
 
-def _notes(doc: RunRecord) -> List[str]:
+def _notes(doc: RunRecord, tables: bool = True) -> List[str]:
+    """Skips, failures, room, the leak verdict; the † explained if `tables` show one."""
     notes = []
     skipped: Dict[str, List[str]] = {}  # reason: what it skipped (a transport, its queue)
     for record in doc["cells"]:
@@ -423,7 +424,7 @@ def _notes(doc: RunRecord) -> List[str]:
             sizes = ",".join(format_size(n) for n in record["sizes"])
             notes.append(f"FAILED {record['section']} {record['transport'] or ''} {sizes}: {first}")
     notes[:0] = [f"{', '.join(what)} skipped: {reason}" for reason, what in skipped.items()]
-    if _beyond_a_ceiling(doc):
+    if tables and _beyond_a_ceiling(doc):
         notes.append(OVER_NOTE)
     note = doc["config"].get("left_out")
     if note:
@@ -446,7 +447,7 @@ def render(doc: RunRecord, markdown: bool = False, tables: bool = True) -> str:
         heading = f"**{title}**" if markdown else title
         parts.append(f"{heading}\n\n{_render(headers, rows, markdown, left)}")
     bullet = "- " if markdown else ""
-    parts.append("\n".join(bullet + note for note in _notes(doc)))
+    parts.append("\n".join(bullet + note for note in _notes(doc, tables)))
     parts.append(summary.render(doc["summary"], doc["config"]["quick"],
                                 doc["config"]["transfer_queue_depth"], markdown))
     return "\n\n".join(parts) + "\n"
