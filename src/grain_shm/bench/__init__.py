@@ -1,9 +1,10 @@
 """`python -m grain_shm bench`: grain_shm against pickle and the stdlib, in one run.
 
 Plans the cells (section x transport x size), runs each in fresh spawned
-processes, checks /dev/shm for leaks, prints the tables and writes the JSON
-and the plot. Exit status 0 only if every cell that ran passed its checks
-and nothing leaked; 2 for bad arguments.
+processes, checks /dev/shm for leaks, prints the tables (for --quick only
+with --verbose or --markdown: its figures are a smoke test) and last a
+summary, and writes the JSON and the plot. Exit status 0 only if every cell
+that ran passed its checks and nothing leaked; 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 from grain_shm import names
 from grain_shm.bench import (
-    ceilings, grain_pipeline, leaks, machine, micro, pipeline, plot, report, runner, transfer,
+    ceilings, grain_pipeline, leaks, machine, micro, pipeline, plot, queue_ceilings, queues,
+    report, runner, summary, transfer,
 )
 from grain_shm.bench.payload import check_size
 from grain_shm.bench.report import RunRecord
@@ -41,8 +43,8 @@ GRAIN_PIPELINE_SIZES = (4 * MiB,)
 
 # (seconds, minimum count): per transfer cell, per size in the other sections;
 # grain-pipeline: (seconds of repeated runs, elements per run).
-# The default run takes a few minutes; --quick takes well under one (it is
-# dominated by starting two interpreters per transfer cell).
+# The default run takes a few minutes; --quick one to two (it is dominated by
+# starting two interpreters per transfer cell, and by pickling 128 MiB arrays).
 BUDGETS = {
     "full": {"transfer": (2.5, 10), "cfd": (0.3, 20), "release": (0.3, 20), "ceilings": (0.2, 10),
              "grain-pipeline": (20.0, 96), "pipeline": (3.0, 10)},
@@ -134,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m grain_shm bench",
         description="Move NumPy arrays between processes with grain_shm, pickle, the "
-        "stdlib shared_memory path (and Grain, SharedArray if installed); compare.",
+        "stdlib shared_memory path (and Grain, SharedArray, faster-fifo, iceoryx2 if "
+        "installed); compare.",
     )
     parser.add_argument("--quick", action="store_true",
                         help="every section with tiny budgets: a smoke test (CI), under a minute")
@@ -153,7 +156,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", help="write every figure, machine and versions")
     parser.add_argument("--plot", metavar="PATH.png", help="throughput vs size (needs matplotlib)")
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print every table (a full run always does; --quick prints its "
+                        "summary alone otherwise)")
     return parser
+
+
+def _queue_kinds(chosen: Sequence[str]) -> List[str]:
+    """The queues whose own ceilings the run measures: multiprocessing.Queue
+    (every other transport's) and those of the chosen transports."""
+    used = {"multiprocessing.Queue"} | {TRANSPORTS[t].queue for t in chosen if t in TRANSPORTS}
+    return [kind for kind in queues.KINDS if kind in used]
 
 
 def plan(
@@ -180,6 +193,8 @@ def plan(
                 cells.append(Cell(section, None, sizes, budget, least))
             if moved:
                 cells.append(Cell(section, ceilings.CROSS_PROCESS, moved, budget, least, depth))
+            cells += [Cell(section, queue_ceilings.cell_transport(kind), (), budget, least, depth)
+                      for kind in _queue_kinds(args.transports)]
         elif section == "grain-pipeline":  # its own transports: stock Grain, Grain on grain_shm
             cells += [Cell(section, t, (size,), budget, least)
                       for size in _fitting(section, args.sizes or GRAIN_PIPELINE_SIZES,
@@ -199,8 +214,8 @@ def plan(
             sizes = _fitting(section, args.sizes or MICRO_SIZES, room,
                              {} if "cfd" in chosen and section == "release" else left_out,
                              fixed)
-            cells += [Cell(section, t, sizes, budget, least)
-                      for t in args.transports if t in TRANSPORTS and sizes]
+            cells += [Cell(section, t, sizes, budget, least) for t in args.transports
+                      if t in TRANSPORTS and sizes and section in TRANSPORTS[t].sections]
     return cells
 
 
@@ -253,10 +268,12 @@ def main(argv: Sequence[str]) -> int:
     }
     watch = leaks.Watch()
     doc["cells"] = runner.run(cells, SECTIONS, watch)
+    doc["summary"] = summary.headlines(doc["cells"], doc["config"]["transfer_sizes"])
     doc["leak_check"] = watch.result()
     doc["elapsed_s"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     doc["ok"] = doc["leak_check"]["ok"] and all(c["status"] != "error" for c in doc["cells"])
-    sys.stdout.write(report.render(doc, markdown=args.markdown))
+    tables = not args.quick or args.verbose or args.markdown
+    sys.stdout.write(report.render(doc, markdown=args.markdown, tables=tables))
     if args.json:
         with open(args.json, "w") as out:
             json.dump(doc, out, indent=1)

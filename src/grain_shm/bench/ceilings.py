@@ -15,11 +15,6 @@ Those three run in one process (the cell whose transport is None). A second
 cell (transport CROSS_PROCESS) runs two fresh processes, a producer and a
 consumer, for what no transport between processes can beat:
 
-- queue: messages per second through the transfer section's own
-  `ctx.Queue(maxsize=depth)`, producer put / consumer get, of
-  MESSAGE: a tuple the size of the reference a pooled transport sends, no
-  bytes. The queue is latency-bound (its rate grows with its depth), so
-  whatever a transport sends through it per array, rate x size bounds it.
 - handoff: a ring of n blocks in one shared mapping. The producer fills
   block k % n with the payload (payload.fill) and publishes k + 1 in a
   shared counter; the consumer spins until it sees it, reads the block with
@@ -31,20 +26,25 @@ consumer, for what no transport between processes can beat:
   size is timed with every ring of ring_sizes(depth) and the best is its
   ceiling.
 
+Each queue's own ceiling (its rate of reference-sized messages and its
+latency) is a cell of its own, one per kind of queue: bench.queue_ceilings.
+
+A ceiling is what the machine allows at best, so each is the best of its
+repetitions: "best_gbps" (from the fastest repetition) of the single-thread
+figures, the "max" of the handoff's segment rates. A transport's median can
+then not exceed it by noise alone.
+
 The JSON: the single-thread cell's result is {"sizes": [row]}, one row per
 size with "size" and, for "memcpy", "fault_fill", "populate_fill",
 "first_touch_fill" (the faster of the two, with its "method") and
-"fresh_read": {"us": summary, "cpu_us": float, "gbps": the median's GB/s}.
-The cross-process cell's result is
+"fresh_read": {"us": summary, "cpu_us": float, "gbps": the median's GB/s,
+"best_gbps": the fastest repetition's}. The cross-process cell's result is
 
-    {"queue": {"depth", "message" (its repr), "messages", "timed_messages",
-               "messages_per_s": summary},
-     "ring_sizes": [n, ...],
+    {"ring_sizes": [n, ...],
      "sizes": [{"size",
                 "handoff": {"ring_blocks" (the best ring's n), "blocks",
                             "timed_blocks", "gbps": summary, "blocks_per_s":
-                            summary, "gbps_by_ring": {"n": median}},
-                "queue_bound_gbps": queue messages/s median x size / 1e9}]}
+                            summary, "gbps_by_ring": {"n": max}}}]}
 
 where a summary is stats.summary() of the timed segments' rates.
 
@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from grain_shm import names
-from grain_shm.bench import payload, stats, transfer
+from grain_shm.bench import payload, queue_ceilings, queues, stats, transfer
 from grain_shm.bench.micro import Step, measure
 from grain_shm.bench.runner import Aborted, Cell, ProcessSpec, Result, Section
 from grain_shm.bench.transports import NAME_PREFIX, Unavailable
@@ -147,6 +147,7 @@ def _measure_size(nbytes: int, cell: Cell) -> Result:
     def timed(step: Step) -> Result:
         figure = measure(step, cell.budget, cell.min_count)
         figure["gbps"] = nbytes / figure["us"]["median"] / 1e3
+        figure["best_gbps"] = nbytes / figure["us"]["min"] / 1e3
         return figure
 
     row: Result = {
@@ -155,7 +156,7 @@ def _measure_size(nbytes: int, cell: Cell) -> Result:
         "fault_fill": timed(_first_touch_fill(nbytes, pattern, populate=False)),
         "populate_fill": timed(_first_touch_fill(nbytes, pattern, populate=True)),
     }
-    fastest = max(("fault_fill", "populate_fill"), key=lambda k: row[k]["gbps"])
+    fastest = max(("fault_fill", "populate_fill"), key=lambda k: row[k]["best_gbps"])
     row["first_touch_fill"] = {**row[fastest], "method": fastest}
     path = _new_path()
     with open(path, "xb") as segment:
@@ -171,12 +172,9 @@ def run(cell: Cell, abort: Event) -> Result:
     return {"sizes": [_measure_size(nbytes, cell) for nbytes in cell.sizes]}
 
 
-# The cross-process ceilings: the queue, then the handoff of every size.
+# The cross-process ceiling: the handoff of every size.
 
 CROSS_PROCESS = "cross-process"  # the transport column of their cell
-# What a pooled transport puts on the queue per array: name, shape, dtype,
-# strides, offset, index, generation (the size of grain_shm's pickled reference).
-MESSAGE = ("gs001r90kutajuk_TzvuhtQNDXPI", (4096,), "|u1", None, 0, 3, 17)
 
 
 def ring_sizes(depth: int) -> tuple[int, ...]:
@@ -186,10 +184,6 @@ def ring_sizes(depth: int) -> tuple[int, ...]:
 
 MAX_BLOCKS = 1_000_000
 SPIN_CHECK = 1 << 12  # spins between looks at the abort event
-# The queue's rate jumps between two modes (as much as 2x apart on 2 cores) as
-# the scheduler places its three threads (put, the feeder, get): it gets this
-# many times the cell's budget, so that the median is the rate it keeps up.
-QUEUE_BUDGET_FACTOR = 5
 # The ring's first page holds the counters (uint64 words, each on its own
 # 128 bytes: no false sharing between the two writers); the blocks follow.
 HEADER = 4096
@@ -212,22 +206,6 @@ def _views(
     words = np.frombuffer(mapping, np.uint64, HEADER // 8)
     blocks = np.frombuffer(mapping, np.uint8, ring * nbytes, HEADER)
     return words, list(blocks.reshape(ring, nbytes))
-
-
-def _produce_queue(cell: Cell, abort: Event, q: Queue[Any]) -> int:
-    count = 0
-    least = cell.min_count + transfer.WARMUP
-    budget = cell.budget * QUEUE_BUDGET_FACTOR
-    start = time.perf_counter()
-    while count < least or (
-        count < transfer.MAX_ARRAYS and time.perf_counter() - start < budget
-    ):
-        if count % transfer.ABORT_CHECK_EVERY == 0 and abort.is_set():
-            raise Aborted
-        transfer._put(q, MESSAGE, abort)
-        count += 1
-    transfer._put(q, None, abort)
-    return count
 
 
 def _produce_ring(nbytes: int, ring: int, cell: Cell, abort: Event, q: Queue[Any]) -> int:
@@ -280,19 +258,17 @@ def _check_ordering() -> None:
         )
 
 
-def produce_cross(cell: Cell, abort: Event, q: Queue[Any], ready: Event, drained: Event) -> Result:
+def produce_cross(cell: Cell, abort: Event, q: Queue[Any], ready: Event) -> Result:
     _check_ordering()
     try:
         transfer._wait(ready, abort)
-        messages = _produce_queue(cell, abort, q)
-        transfer._wait(drained, abort)  # the ring's set-up does not disturb the queue's end
         rings = ring_sizes(transfer.depth(cell))
         blocks = [[_produce_ring(nbytes, ring, cell, abort, q) for ring in rings]
                   for nbytes in cell.sizes]
     except BaseException:
         q.cancel_join_thread()
         raise
-    return {"messages": messages, "blocks": blocks}
+    return {"blocks": blocks}
 
 
 def _consume_ring(nbytes: int, ring: int, abort: Event, q: Queue[Any]) -> Result:
@@ -331,45 +307,44 @@ def _consume_ring(nbytes: int, ring: int, abort: Event, q: Queue[Any]) -> Result
     return {"blocks": len(finished), "timed": timed, "rates": rates.tolist()}
 
 
-def consume_cross(cell: Cell, abort: Event, q: Queue[Any], ready: Event, drained: Event) -> Result:
+def consume_cross(cell: Cell, abort: Event, q: Queue[Any], ready: Event) -> Result:
     _check_ordering()
-    finished: list[float] = []  # perf_counter() when each message was got
     ready.set()
-    while transfer._get(q, abort) is not None:
-        finished.append(time.perf_counter())
-    drained.set()
-    rates, timed = stats.segment_rates(
-        finished, max(transfer.WARMUP, len(finished) // 10), transfer.SEGMENTS
-    )
     return {
-        "messages": len(finished), "timed": timed, "rates": rates.tolist(),
         "rings": [[_consume_ring(nbytes, ring, abort, q)
                    for ring in ring_sizes(transfer.depth(cell))]
                   for nbytes in cell.sizes],
     }
 
 
+def _is_queue(cell: Cell) -> bool:
+    return str(cell.transport).startswith(queue_ceilings.PREFIX)
+
+
 def _processes(cell: Cell, ctx: BaseContext) -> list[ProcessSpec]:
+    if _is_queue(cell):
+        return queue_ceilings.processes(cell, ctx)
     if cell.transport != CROSS_PROCESS:
         return [("ceilings", run, ())]
-    q = ctx.Queue(maxsize=transfer.depth(cell))
-    ready, drained = ctx.Event(), ctx.Event()
+    q = ctx.Queue()  # the ring's path, once per ring: nothing timed goes through it
+    ready = ctx.Event()
     return [
-        ("producer", produce_cross, (q, ready, drained)),
-        ("consumer", consume_cross, (q, ready, drained)),
+        ("producer", produce_cross, (q, ready)),
+        ("consumer", consume_cross, (q, ready)),
     ]
 
 
 def _summarize(cell: Cell, outputs: dict[str, Result]) -> Result:
+    if _is_queue(cell):
+        return queue_ceilings.summarize(cell, outputs)
     if cell.transport != CROSS_PROCESS:
         return outputs["ceilings"]
     consumer = outputs["consumer"]
-    messages_per_s = stats.summary(consumer["rates"])
     sizes = []
     ring_counts = ring_sizes(transfer.depth(cell))
     for nbytes, rings in zip(cell.sizes, consumer["rings"]):
         gbps = [stats.summary(np.asarray(r["rates"]) * nbytes / 1e9) for r in rings]
-        best = max(range(len(rings)), key=lambda i: gbps[i]["median"])
+        best = max(range(len(rings)), key=lambda i: gbps[i]["max"])
         sizes.append({
             "size": nbytes,
             "handoff": {
@@ -378,18 +353,10 @@ def _summarize(cell: Cell, outputs: dict[str, Result]) -> Result:
                 "timed_blocks": rings[best]["timed"],
                 "gbps": gbps[best],
                 "blocks_per_s": stats.summary(rings[best]["rates"]),
-                "gbps_by_ring": {str(n): g["median"] for n, g in zip(ring_counts, gbps)},
+                "gbps_by_ring": {str(n): g["max"] for n, g in zip(ring_counts, gbps)},
             },
-            "queue_bound_gbps": messages_per_s["median"] * nbytes / 1e9,
         })
     return {
-        "queue": {
-            "depth": transfer.depth(cell),
-            "message": repr(MESSAGE),
-            "messages": consumer["messages"],
-            "timed_messages": consumer["timed"],
-            "messages_per_s": messages_per_s,
-        },
         "ring_sizes": list(ring_counts),
         "sizes": sizes,
     }
@@ -399,4 +366,5 @@ SECTION = Section(
     name="ceilings",
     processes=_processes,
     summarize=_summarize,
+    clean_up=queues.clean_up,
 )

@@ -56,7 +56,8 @@ def info() -> MachineInfo:
 def versions() -> Dict[str, Optional[str]]:
     """Python's version and each package's; None for a package not installed."""
     found: Dict[str, Optional[str]] = {"python": sys.version.split()[0]}
-    for package in ("grain_shm", "numpy", "grain", "SharedArray", "matplotlib"):
+    for package in ("grain_shm", "numpy", "grain", "SharedArray", "faster-fifo", "iceoryx2",
+                    "matplotlib"):
         try:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

@@ -53,13 +53,14 @@ def _transfer(ax: Axes, doc: RunRecord) -> None:
         bounds = cast(List[float], [report.transfer_bound(ceilings, s) for s in bounded])
         ax.plot(bounded, bounds, "k--",
                 label="ceiling: fresh segment (fill or read)")
-        ax.plot(bounded, [ceilings[s]["memcpy"]["gbps"] for s in bounded], "k:",
+        ax.plot(bounded, [ceilings[s]["memcpy"]["best_gbps"] for s in bounded], "k:",
                 label="ceiling: memcpy")
     _, cross = report.cross_process(doc)
     handed = [size for size in sizes if size in cross]
-    if handed:
-        # Never None: every size in `handed` has its cross-process row.
-        bounds = cast(list[float], [report.recycle_bound(cross, s) for s in handed])
+    queue = report.queue_figures(doc).get("multiprocessing.Queue")
+    if handed and queue is not None:
+        # Never None: every size in `handed` has its cross-process row, and the queue's.
+        bounds = cast(list[float], [report.recycle_bound(cross, queue, s) for s in handed])
         ax.plot(handed, bounds, "k-.", label="ceiling: pool (handoff or queue)")
     ax.set_title("transfer between processes (median, p10-p90 band)")
     ax.set_ylabel("GB/s")

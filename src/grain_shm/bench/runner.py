@@ -68,11 +68,13 @@ class Section:
     `processes(cell, ctx)` gives the cell's processes as (role, target, extra
     args); each target is called as `target(cell, abort, *extra)` in its own
     spawned process and returns a dict. `summarize(cell, {role: dict})` turns
-    those into the cell's result."""
+    those into the cell's result. `clean_up(specs)` runs in the parent once
+    the processes have ended (what their queues keep by design)."""
 
     name: str
     processes: Callable[[Cell, BaseContext], List[ProcessSpec]]
     summarize: Callable[[Cell, Dict[str, Result]], Result]
+    clean_up: Callable[[List[ProcessSpec]], None] = lambda specs: None
 
 
 class CellRecord(TypedDict, total=False):
@@ -144,6 +146,8 @@ def run_cell(cell: Cell, section: Section) -> CellRecord:
         # Kept until the processes end: Process.start() drops its arguments, and a
         # queue or event nobody holds is unlinked before the child can open it.
         specs = section.processes(cell, ctx)
+    except Unavailable as reason:  # a queue that cannot be built here
+        return {**record, "status": "skipped", "reason": str(reason), "elapsed_s": 0.0}
     except OSError:
         return {**record, "status": "error", "error": traceback.format_exc(),
                 "elapsed_s": time.perf_counter() - started}
@@ -159,6 +163,7 @@ def run_cell(cell: Cell, section: Section) -> CellRecord:
         proc.start()
     outcomes, failure = _collect(procs, results, abort, time.monotonic() + cell.timeout())
     _stop(procs)
+    section.clean_up(specs)
     del specs
     record["elapsed_s"] = time.perf_counter() - started
     errors = [value for status, value in outcomes.values() if status == "error"]

@@ -1,8 +1,9 @@
 """The transfer section: arrays from a producer process to a consumer process.
 
-The producer creates and fills fresh arrays and puts them on a bounded
-`multiprocessing.Queue` (a prefetch buffer of QUEUE_DEPTH arrays); the
-consumer gets each one, reads every byte, checks it, and releases it. Both
+The producer creates and fills fresh arrays and puts them on a bounded queue
+(a prefetch buffer of QUEUE_DEPTH arrays): the transport's own kind
+(bench.queues), `multiprocessing.Queue` for most; the consumer gets each
+one, reads every byte, checks it, and releases it. Both
 are fresh spawned processes. Throughput is taken from the consumer's
 completion times (the end of the pipeline) in steady state; CPU time per
 array from `time.process_time()` in each process, which counts all its
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, cast
 
 import numpy as np
 
-from grain_shm.bench import payload, stats, transports
+from grain_shm.bench import payload, queues, stats, transports
 from grain_shm.bench.runner import Aborted, Cell, ProcessSpec, Result, Section
 from grain_shm.bench.transports import Held
 
@@ -75,6 +76,8 @@ def produce(cell: Cell, abort: Event, q: Queue[Any], ready: Event, done: Event) 
     count = 0
     try:
         _wait(ready, abort)
+        q = queues.attach(q, "producer", abort)  # after the consumer's end: nothing is lost
+        transport.bind(q)
         cpu = time.process_time()
         start = time.perf_counter()
         least = cell.min_count + WARMUP
@@ -112,6 +115,8 @@ def consume(cell: Cell, abort: Event, q: Queue[Any], ready: Event, done: Event) 
     pattern_sum = payload.checksum(payload.source(nbytes))
     finished: List[float] = []  # perf_counter() when each array was done
     held: Optional[Held] = None
+    q = queues.attach(q, "consumer", abort)
+    transport.bind(q)
     ready.set()
     cpu = time.process_time()
     try:
@@ -143,7 +148,10 @@ def consume(cell: Cell, abort: Event, q: Queue[Any], ready: Event, done: Event) 
 
 
 def processes(cell: Cell, ctx: BaseContext) -> List[ProcessSpec]:
-    q = ctx.Queue(maxsize=depth(cell))
+    kind = transports.TRANSPORTS[cast(str, cell.transport)].queue
+    # What one message carries, for the queues that size their buffer by it
+    # (np.zeros: pages untouched unless a queue pickles it).
+    q = queues.make(kind, ctx, depth(cell), np.zeros(cell.sizes[0], np.uint8))
     ready, done = ctx.Event(), ctx.Event()
     return [
         ("producer", produce, (q, ready, done)),
@@ -174,4 +182,5 @@ SECTION = Section(
     name="transfer",
     processes=processes,
     summarize=summarize,
+    clean_up=queues.clean_up,
 )

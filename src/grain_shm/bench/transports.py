@@ -15,6 +15,13 @@ differ only by what the transport does:
   shared with other arrays), which costs more than the name.
 - `unlink(reference)`: error clean-up for arrays sent but maybe never opened.
 
+Each transport also names the queue its messages travel through in the
+transfer section (`queue`, a kind of bench.queues: multiprocessing.Queue
+unless it says otherwise) and the sections it takes part in (`sections`: a
+transport defined by its queue alone has nothing to add to create+fill+destroy
+or release). A transport whose arrays live in its queue's own memory
+(iceoryx2) is handed that queue's end by `bind()` before the first array.
+
 Each transport is used the way its documentation shows. Imports happen in
 `prepare()`, inside the cell's own process, so a missing optional package
 (or an unimplemented feature) skips that transport's cells with the reason.
@@ -22,11 +29,12 @@ Each transport is used the way its documentation shows. Imports happen in
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import itertools
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Tuple, Type
 
 import numpy as np
 
@@ -63,9 +71,13 @@ class Transport(Protocol):
     """What every class in TRANSPORTS provides (see the module's docstring)."""
 
     name: str
-    requires: Optional[str]  # the module it needs, checked by missing()
+    # What it needs, checked by missing(): a module, or "module:attribute".
+    requires: Optional[str]
+    queue: str  # the transfer's queue, a kind of bench.queues
+    sections: Tuple[str, ...]  # the sections it runs in
 
     def prepare(self) -> None: ...
+    def bind(self, end: Any) -> None: ...
     def create(self, nbytes: int, owner: bool) -> Held: ...
     def message(self, held: Held) -> Any: ...
     def open(self, message: Any) -> Held: ...
@@ -74,11 +86,21 @@ class Transport(Protocol):
     def unlink(self, reference: Any) -> None: ...
 
 
-class Pickle:
+class Base:
+    """The defaults: no requirement, multiprocessing.Queue, every section."""
+
+    requires: Optional[str] = None
+    queue = "multiprocessing.Queue"
+    sections: Tuple[str, ...] = ("transfer", "cfd", "release")
+
+    def bind(self, end: Any) -> None:
+        """Most transports need nothing of the queue but put and get."""
+
+
+class Pickle(Base):
     """The baseline: the ndarray itself goes through the queue, bytes and all."""
 
     name = "pickle"
-    requires: Optional[str] = None
 
     def prepare(self) -> None:
         pass
@@ -102,13 +124,12 @@ class Pickle:
         pass
 
 
-class Stdlib:
+class Stdlib(Base):
     """`multiprocessing.shared_memory`: send the name, the receiver maps it.
 
     The receiver opens, reads, closes, and unlinks once (it is the owner)."""
 
     name = "stdlib"
-    requires: Optional[str] = None
 
     def prepare(self) -> None:
         from multiprocessing import shared_memory
@@ -143,11 +164,9 @@ class Stdlib:
         shm.unlink()
 
 
-class _GrainApi:
+class _GrainApi(Base):
     """A SharedMemoryArray with Grain's API: pickles as a reference; the
     receiver marks it with unlink_on_del()."""
-
-    requires: Optional[str] = None
     # Set by the subclass: its SharedMemoryArray class (in prepare()), and
     # what its unlink() takes to remove an array.
     _array_type: Any
@@ -261,7 +280,7 @@ class Grain(_GrainApi):
         shm.unlink()
 
 
-class SharedArrayTransport:
+class SharedArrayTransport(Base):
     """The SharedArray package: named arrays under /dev/shm, attached by name."""
 
     name = "SharedArray"
@@ -295,19 +314,102 @@ class SharedArrayTransport:
         self._sa.delete(f"shm://{reference}")
 
 
+class GrainShmQueue(GrainShmRecycle):
+    """The pool, its arrays through `grain_shm.Queue`: each reference is
+    written into a ring in shared memory, no feeder thread, no pipe."""
+
+    name = "grain_shm-queue"
+    requires: Optional[str] = "grain_shm:Queue"
+    queue = "grain_shm.Queue"
+    sections: Tuple[str, ...] = ("transfer",)  # its arrays are grain_shm-recycle's
+
+
+class FasterFifo(Pickle):
+    """Pickled arrays through faster-fifo's ring in shared memory, as its
+    users send them: `put(array)`, which pickles with ForkingPickler."""
+
+    name = "faster-fifo"
+    requires: Optional[str] = "faster_fifo"
+    queue = "faster-fifo"
+    sections: Tuple[str, ...] = ("transfer",)  # its arrays are pickle's
+
+
+class Iceoryx2(Base):
+    """iceoryx2's zero-copy publish-subscribe of a byte slice: the producer
+    loans a sample from the publisher's memory and fills it in place, the
+    consumer reads the sample where it lies and gives it back."""
+
+    name = "iceoryx2"
+    requires: Optional[str] = "iceoryx2"
+    queue = "iceoryx2"
+    sections: Tuple[str, ...] = ("transfer",)  # a sample exists only on a service
+
+    def prepare(self) -> None:
+        self._end: Any = None
+
+    def bind(self, end: Any) -> None:
+        self._end = end  # bench.iceoryx.Channel, attached: it loans the samples
+
+    def create(self, nbytes: int, owner: bool) -> Held:
+        sample = self._end.loan(nbytes)
+        return Held(np.frombuffer(sample.payload().as_memory_view(), np.uint8), handle=sample)
+
+    def message(self, held: Held) -> Any:
+        held.array = None  # no view of the sample outlives its sending
+        sample, held.handle = held.handle.assume_init(), None
+        return sample
+
+    def open(self, message: Any) -> Held:
+        return Held(np.frombuffer(message.payload().as_memory_view(), np.uint8), handle=message)
+
+    def release(self, held: Held) -> None:
+        held.array = None
+        if held.handle is not None:  # a received sample, or a loan never sent
+            held.handle.delete()
+            held.handle = None
+
+    def reference(self, held: Held) -> Any:
+        return None  # samples are the service's memory: it goes with the service
+
+    def unlink(self, reference: Any) -> None:
+        pass
+
+
 TRANSPORTS: Dict[str, Type[Transport]] = {
     t.name: t for t in (Pickle, Stdlib, GrainShm, GrainShmAsync, GrainShmRecycle,
-                        GrainShmRecycleAsync, Grain, SharedArrayTransport)
+                        GrainShmRecycleAsync, Grain, SharedArrayTransport, GrainShmQueue,
+                        FasterFifo, Iceoryx2)
 }
 
 
-def missing(name: str) -> Optional[str]:
-    """Why transport `name` cannot be imported here, or None (checked without importing)."""
-    transport = TRANSPORTS.get(name)  # a section may run variants of its own (pipeline)
-    module = transport.requires if transport is not None else None
-    if module is None or importlib.util.find_spec(module) is not None:
+# What each kind of queue (bench.queues) needs, as Transport.requires says it.
+QUEUE_REQUIRES: Dict[str, Optional[str]] = {
+    "multiprocessing.Queue": None,
+    "faster-fifo": "faster_fifo",
+    "iceoryx2": "iceoryx2",
+    "grain_shm.Queue": "grain_shm:Queue",
+}
+
+
+def _why_missing(requires: Optional[str]) -> Optional[str]:
+    """Why `requires` ("module" or "module:attribute") is not there, or None."""
+    if requires is None:
         return None
-    return f"{module} is not installed (pip install 'grain_shm[compare]')"
+    module, _, attribute = requires.partition(":")
+    if importlib.util.find_spec(module) is None:
+        return f"{module} is not installed (pip install 'grain_shm[compare]')"
+    if attribute and not hasattr(importlib.import_module(module), attribute):
+        return f"{module}.{attribute} is unavailable: this {module} has no {attribute} yet"
+    return None
+
+
+def missing(name: str) -> Optional[str]:
+    """Why transport `name` (or the queue ceiling "queue:KIND") cannot run
+    here, or None; checked without importing optional packages."""
+    if name.startswith("queue:"):
+        return _why_missing(QUEUE_REQUIRES[name[len("queue:"):]])
+    transport = TRANSPORTS.get(name)  # a section may run variants of its own (pipeline)
+    return _why_missing(transport.requires if transport is not None else None)
 
 
 def pool_bytes(transport: Transport) -> Optional[int]:
