@@ -1156,3 +1156,6 @@ def recv_byte(int fd, double timeout):
         if errno != EINTR:
             check_rc(-1, None)
         PyErr_CheckSignals()
+
+
+include "ring.pyx"
