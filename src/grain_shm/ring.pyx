@@ -158,6 +158,12 @@ cdef class Ring:
     cdef bytes path
     cdef str name_text
     cdef bint judge_pids      # claimers' pids mean something here (same pid namespace)
+    # The claimed cell a put [0] or get [1] last found in its way, since when,
+    # and when its claimer's pid was last looked up (see _stuck).
+    cdef gs_cell *watch_cell[2]
+    cdef uint64_t watch_seen[2]
+    cdef int64_t watch_since[2]
+    cdef int64_t watch_checked[2]
 
     def __dealloc__(self):
         if self.addr != NULL:
@@ -200,6 +206,32 @@ cdef class Ring:
         """Remove the name: no new handle opens; mappings stay valid."""
         shm_unlink(self.path)
 
+    cdef bint _stuck(self, bint for_get, gs_cell *cell, uint64_t seen, int64_t now) noexcept:
+        """After a failed claim: whether `cell`, found claimed (`seen`), has
+        been so for a second and its claimer is dead, and was taken back
+        here.  The watch lasts across calls, so a consumer that polls with
+        short timeouts (or none) gets past a dead producer's cell too."""
+        cdef int side = 1 if for_get else 0
+        if cell == NULL or gs_progress(seen) % 4 not in (GS_WRITING, GS_READING):
+            self.watch_cell[side] = NULL
+            return False
+        if seen != self.watch_seen[side] or cell != self.watch_cell[side]:
+            self.watch_cell[side] = cell
+            self.watch_seen[side] = seen
+            self.watch_since[side] = now
+            self.watch_checked[side] = 0
+            return False
+        if (now - self.watch_since[side] < DEAD_AFTER_NS or not self.judge_pids
+                or now - self.watch_checked[side] < SLICE_NS
+                or gs_claimer(seen) == gs_ring_pid):
+            return False
+        self.watch_checked[side] = now  # looking up a pid is a system call: ten a second at most
+        if not gs_pid_dead(gs_claimer(seen)):
+            return False
+        gs_ring_reclaim(&self.view, cell, seen)
+        self.watch_cell[side] = NULL
+        return True
+
     cdef bint _claim(self, bint for_get, double timeout, uint64_t large, uint64_t *pos,
                      gs_cell **cell) except -1:
         """Claim a cell: True once it is ours, False when `timeout` seconds
@@ -207,14 +239,17 @@ cdef class Ring:
         slices: between them a signal's handler runs (Ctrl-C raises here),
         and a cell claimed by a process found dead after a second of waiting
         is taken back."""
-        cdef uint64_t seen = 0, watched = 0
-        cdef gs_cell *watched_cell = NULL
+        cdef uint64_t seen = 0
         cdef int rc = gs_ring_try(&self.view, for_get, gs_ring_pid, large, pos, cell, &seen)
         if rc == GS_RING_OK:
             return True
+        cdef int64_t now = gs_monotonic_ns(), until
+        while self._stuck(for_get, cell[0], seen, now):
+            rc = gs_ring_try(&self.view, for_get, gs_ring_pid, large, pos, cell, &seen)
+            if rc == GS_RING_OK:
+                return True
         if timeout == 0:
             return False
-        cdef int64_t now = gs_monotonic_ns(), until, since = now
         cdef int64_t deadline = -1 if timeout < 0 else now + <int64_t>(min(timeout, 1e9) * 1e9)
         while True:
             until = now + SLICE_NS if deadline < 0 else min(now + SLICE_NS, deadline)
@@ -224,15 +259,8 @@ cdef class Ring:
             if rc == GS_RING_OK:
                 return True
             now = gs_monotonic_ns()
-            if cell[0] != NULL and gs_progress(seen) % 4 in (GS_WRITING, GS_READING):
-                if seen != watched or cell[0] != watched_cell:
-                    watched, watched_cell, since = seen, cell[0], now
-                elif (now - since >= DEAD_AFTER_NS and self.judge_pids
-                      and gs_claimer(seen) != gs_ring_pid and gs_pid_dead(gs_claimer(seen))):
-                    gs_ring_reclaim(&self.view, cell[0], seen)
-                    watched, watched_cell = 0, NULL
-            else:
-                watched, watched_cell = 0, NULL
+            if self._stuck(for_get, cell[0], seen, now):
+                continue  # taken back: try again at once
             if deadline >= 0 and now >= deadline:
                 return False
             PyErr_CheckSignals()
@@ -340,6 +368,14 @@ cdef class Ring:
                     rebuild(*args).unlink_on_del()
                 except (OSError, ValueError):
                     pass  # gone already
+
+    def _claim_and_abandon(self, bint for_get):
+        """Tests only: claim a cell (a get: the item at the head) and leave it
+        claimed, as a process killed in the middle of a put or get would.
+        False if there was nothing to claim."""
+        cdef uint64_t pos
+        cdef gs_cell *cell = NULL
+        return self._claim(for_get, 0, 0, &pos, &cell)
 
     def __repr__(self):
         return f"<grain_shm Ring {self.name_text!r} {self.view.capacity} x {self.view.cell_bytes} B>"
