@@ -80,8 +80,8 @@ def test_a_consumer_killed_in_the_middle_of_a_get_loses_that_item_only():
     proc.join(60)
     assert proc.exitcode == -signal.SIGKILL
     assert queue.get(timeout=30) == "kept"
-    queue.put("next")   # the cell after "kept"
-    queue.put("again")  # the dead consumer's cell: taken back
+    queue.put("next", timeout=30)  # into the dead consumer's cell: taken back
+    queue.put("again", timeout=30)
     assert queue.get(timeout=30) == "next"
     assert queue.get(timeout=30) == "again"
     _close_for_the_dead(queue)
