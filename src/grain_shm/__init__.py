@@ -36,7 +36,7 @@ def __getattr__(name: str) -> object:
 
         module = importlib.import_module(_LAZY[name])
         # Importing the submodule bound its name here: the function wins.
-        globals()[name] = getattr(module, name)
+        globals().update({n: getattr(module, n) for n, m in _LAZY.items() if m == _LAZY[name]})
         return globals()[name]
     raise AttributeError(f"module 'grain_shm' has no attribute {name!r}")
 
