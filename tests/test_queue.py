@@ -485,3 +485,40 @@ def test_import_grain_shm_does_not_load_the_queue():
     probe = "import sys, grain_shm; print('grain_shm.queue' in sys.modules, 'threading' in sys.modules)"
     out = run_python(probe).stdout.split()
     assert out == ["False", "False"]
+
+
+@pytest.fixture
+def pool_on():
+    from grain_shm import _shm
+
+    limit = _shm.pool_stats()["max_bytes"]
+    SharedMemoryArray.enable_recycling(64 << 20)
+    yield
+    if limit:
+        SharedMemoryArray.enable_recycling(limit)
+    else:
+        SharedMemoryArray._disable_recycling()
+
+
+def test_a_pooled_array_arrives_as_unpickling_gives_it(pool_on):
+    """The pool's hot path (a block's reference opened without array._map)
+    gives what pickle.loads gives: the same block, one more reference, not owned."""
+    from _names import references
+
+    queue = Queue()
+    a = SharedMemoryArray((32, 4), np.int16)
+    a[:] = 5
+    a.unlink_on_del()
+    assert a.metadata.block is not None
+    queue.put(a)
+    got = queue.get()
+    by_pickle = pickle.loads(pickle.dumps(a))
+    assert type(got) is SharedMemoryArray and got.metadata == by_pickle.metadata
+    assert got.flags.writeable and got.flags.c_contiguous
+    assert not got._unlink_on_del
+    assert references(a) == 3  # a, got, by_pickle
+    got[0, 0] = 7
+    assert a[0, 0] == 7
+    del got, by_pickle
+    assert references(a) == 1
+    queue.close()

@@ -37,6 +37,7 @@ cdef int64_t DEAD_AFTER_NS = 1000000000  # and at a claimer's pid once stuck thi
 cdef object _dumps = _pickle.dumps
 cdef object _loads = _pickle.loads
 cdef object _uint8 = None
+cdef object _np_dtype = None
 
 
 # ---- An array's reference, in binary ----
@@ -133,15 +134,44 @@ cdef object _decode_array(const unsigned char *p, Py_ssize_t n):
 
 
 cdef object _array_mod = None
+cdef object _session_mod = None
+cdef dict _dtypes = {}  # dtype string -> np.dtype: only plain builtin ones are sent so
+
+
+cdef object _open_pooled(tuple args):
+    """The common case of _rebuild_block without its Python-level steps: a
+    C-contiguous array in a pool block, in a process that has joined the
+    session. The same checks and calls as array._map (open_block's bounds,
+    then wrap); None where they would not all pass, and the caller takes
+    the full path (which raises what it raises)."""
+    name, shape, dtype_str, strides, offset, index, generation = args
+    if strides is not None or not _session_mod.joined:
+        return None
+    dtype = _dtypes.get(dtype_str)
+    if dtype is None:
+        dtype = _dtypes[dtype_str] = _np_dtype(dtype_str)
+    if dtype.hasobject:
+        return None
+    cdef Py_ssize_t nbytes = dtype.itemsize, dim, start = offset
+    for d in shape:
+        dim = d
+        if dim < 0 or gs_mul_overflow(nbytes, dim, &nbytes):
+            return None
+    if start < 0 or start > PY_SSIZE_T_MAX - nbytes:
+        return None
+    seg = open_block(name, index, generation, start, start + nbytes)
+    return wrap(_shared_type, seg, shape, dtype, start - (<Segment>seg).origin, None)
 
 
 cdef object _array_module():
     """grain_shm.array (it imports this extension: looked up on first use)."""
-    global _array_mod, _uint8
+    global _array_mod, _uint8, _session_mod, _np_dtype
     if _array_mod is None:
-        from grain_shm import array
+        from grain_shm import array, session
         import numpy
         _array_mod = array
+        _session_mod = session
+        _np_dtype = numpy.dtype
         _uint8 = numpy.dtype(numpy.uint8)
     return _array_mod
 
@@ -342,6 +372,10 @@ cdef class Ring:
         finally:
             gs_ring_free(&self.view, cell, pos)  # the cell is free before anything is opened
         if kind == GS_KIND_ARRAY:
+            if len(args) == 7:
+                arr = _open_pooled(args)
+                if arr is not None:
+                    return arr
             return rebuild(*args)
         if kind == GS_KIND_PICKLE:
             return _loads(data)
