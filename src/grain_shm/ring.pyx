@@ -5,14 +5,15 @@
 #
 # - a SharedMemoryArray itself (a view too): its reference in binary (the
 #   elements _shm.reference gives, which pickling sends), rebuilt on the other
-#   side by the very functions unpickling calls, so what arrives and who owns
-#   it is what pickle.loads would give: no pickle call, and with the pool on
-#   no system call on either side;
+#   side by the functions unpickling calls (a pooled C-contiguous array: by
+#   their checks and calls without their Python steps, _open_pooled), so what
+#   arrives and who owns it is what pickle.loads would give: no pickle call,
+#   and with the pool on no system call on either side;
 # - anything else: pickle protocol 5, in the cell if it fits, else in a
 #   uint8 SharedMemoryArray (a pool block, or a segment of its own) whose
 #   reference goes in the cell: the receiver reads it and unlinks it.
 
-from grain_shm._ring cimport (GS_CELL_HEADER, GS_KIND_ARRAY, GS_KIND_LARGE,
+from grain_shm._ring cimport (GS_KIND_ARRAY, GS_KIND_LARGE,
                               GS_KIND_PICKLE, GS_READING, GS_RING_OK, GS_WRITING,
                               gs_cell, gs_cell_stride, gs_claimer, gs_monotonic_ns,
                               gs_pid_dead, gs_progress, gs_ring, gs_ring_bytes,
