@@ -17,6 +17,7 @@ from grain_shm import (
     MultiprocessingOptions,
     SharedMemoryArray,
     Prefetcher,
+    Queue,
     SharedMemoryArrayMetadata,
     copy_to_shm,
     open_from_shm,
@@ -65,6 +66,15 @@ def main() -> None:
         first = next(stream)
         state: dict[str, Any] = stream.get_state()
     assert first.shape == (4, 3) and state["next_index"] == 1
+
+    queue = Queue(maxsize=3)
+    queue.put(batch)
+    queue.put_many([1, 2])
+    received: Any = queue.get(timeout=10.0)
+    assert isinstance(received, SharedMemoryArray) and queue.qsize() >= 1
+    assert queue.get_many(2) == [1, 2] and queue.empty() and not queue.full()
+    queue.close()
+    queue.join_thread()
 
 
 if __name__ == "__main__":

@@ -21,24 +21,29 @@ from grain_shm.tree import copy_to_shm, open_from_shm, unlink_shm
 
 if _TYPE_CHECKING:
     from grain_shm.prefetch import Prefetcher, prefetch
+    from grain_shm.queue import Queue
+
+_LAZY = {"prefetch": "grain_shm.prefetch", "Prefetcher": "grain_shm.prefetch",
+         "Queue": "grain_shm.queue"}
 
 
 def __getattr__(name: str) -> object:
-    """`prefetch` and `Prefetcher`, imported on first use: the prefetcher
-    needs multiprocessing and logging, which `import grain_shm` must not pay
-    for (see benchmarks/fixed_costs.py)."""
-    if name in ("prefetch", "Prefetcher"):
+    """`prefetch`, `Prefetcher` and `Queue`, imported on first use: they
+    need multiprocessing, logging or threading, which `import grain_shm`
+    must not pay for (see benchmarks/fixed_costs.py)."""
+    if name in _LAZY:
         import importlib
 
-        module = importlib.import_module("grain_shm.prefetch")
+        module = importlib.import_module(_LAZY[name])
         # Importing the submodule bound its name here: the function wins.
-        globals().update(prefetch=module.prefetch, Prefetcher=module.Prefetcher)
+        globals().update({n: getattr(module, n) for n, m in _LAZY.items() if m == _LAZY[name]})
         return globals()[name]
     raise AttributeError(f"module 'grain_shm' has no attribute {name!r}")
 
 __all__ = [
     "MultiprocessingOptions",
     "Prefetcher",
+    "Queue",
     "SharedMemoryArray",
     "SharedMemoryArrayMetadata",
     "copy_to_shm",

@@ -3,7 +3,8 @@
 - ls [--json]: grain_shm's segments with size, session, the session root's
   pid, whether it is alive, whether its reaper runs, and age; the pool's
   arenas (segments carved into blocks) with their size class (the block
-  size), and their bytes in use, wasted (blocks beyond their arrays) and free.
+  size), and their bytes in use, wasted (blocks beyond their arrays) and free;
+  each grain_shm.Queue with its depth and the bytes of its large items.
 - gc [--dry-run]: unlink the segments (arenas included) of dead sessions: the
   root is gone and no process holds the session's sockets (its reaper, or a
   member that created or opened a segment; see grain_shm.reaper). A live
@@ -17,8 +18,8 @@
   when /dev/shm is missing, read-only or refuses a segment.
 
 All three read segment names and /proc (see grain_shm.names and
-grain_shm.reaper for what they say) and the headers of arenas (see
-_pool.h), read-only; nothing here keeps state.
+grain_shm.reaper for what they say) and the headers of arenas and queues
+(see _pool.h, _ring.h), read-only; nothing here keeps state.
 """
 
 from __future__ import annotations
@@ -123,6 +124,57 @@ def read_arena(path: str) -> ArenaRecord | None:
     }
 
 
+# A queue's ring, as _ring.h lays it out (gs_ring): magic, version,
+# capacity, cell_stride, cell_bytes, data_start, segment_bytes, max_bytes,
+# creator_pid, pidns, handles; tail and head at GS_RING_PAD (128) and twice
+# that. A cell: state (progress 32 | pid 32), length, kind; a large item's
+# payload starts with its byte count.
+QUEUE_MAGIC = b"grainshq"
+_QUEUE_HEADER = struct.Struct("=8sIIQQQQQqQI")
+_QUEUE_PAD = 128
+_CELL = struct.Struct("=QIIQ")
+_FULL, _KIND_LARGE = 2, 3
+
+
+class QueueRecord(TypedDict):
+    """A grain_shm.Queue's ring, as its header says (`segments()` reads it)."""
+
+    capacity: int
+    depth: int
+    cell_bytes: int
+    handles: int
+    large_bytes: int  # bytes of large items waiting (in blocks of their own)
+
+
+def read_queue(path: str) -> QueueRecord | None:
+    """The queue in segment `path`, or None if it is not one this version
+    lays out (checked as the core checks it)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(3 * _QUEUE_PAD)
+            if len(head) < 3 * _QUEUE_PAD or head[:8] != QUEUE_MAGIC:
+                return None
+            (_, version, capacity, stride, cell_bytes, data_start, _, _, _, _,
+             handles) = _QUEUE_HEADER.unpack_from(head)
+            if (version != 1 or capacity == 0 or stride < _CELL.size or stride % 64
+                    or data_start + capacity * stride > size):
+                return None
+            tail, = struct.unpack_from("=Q", head, _QUEUE_PAD)
+            first, = struct.unpack_from("=Q", head, 2 * _QUEUE_PAD)
+            depth = min(max(tail - first, 0), capacity)
+            large = 0
+            for pos in range(first, first + depth):
+                f.seek(data_start + (pos % capacity) * stride)
+                state, _, kind, nbytes = _CELL.unpack(f.read(_CELL.size))
+                if (state >> 32) % 4 == _FULL and kind == _KIND_LARGE:
+                    large += nbytes
+    except (OSError, struct.error):
+        return None
+    return {"capacity": capacity, "depth": depth, "cell_bytes": cell_bytes,
+            "handles": handles, "large_bytes": large}
+
+
 class SegmentRecord(TypedDict):
     """What `segments()` says about one segment (`ls --json` prints these)."""
 
@@ -135,6 +187,7 @@ class SegmentRecord(TypedDict):
     persistent: bool
     age_s: float
     arena: ArenaRecord | None  # None: an array's own segment
+    queue: QueueRecord | None  # None: not a grain_shm.Queue
 
 
 def _other_namespace_roots() -> set[tuple[int, int, int]] | None:
@@ -220,6 +273,7 @@ def segments(shm_dir: str = names.SHM_DIR) -> list[SegmentRecord]:
             # writes through a mapping do not touch it.
             "age_s": round(max(0.0, now - st.st_ctime), 1),
             "arena": read_arena(os.path.join(shm_dir, name)),
+            "queue": read_queue(os.path.join(shm_dir, name)),
         }
         if match:
             session = match.group(1)
@@ -249,6 +303,13 @@ def _arena_text(arena: ArenaRecord | None) -> str:
             f"{_human(arena['bytes_wasted'])} wasted), {_human(arena['bytes_free'])} free")
 
 
+def _queue_text(queue: QueueRecord | None) -> str:
+    if queue is None:
+        return ""
+    return (f"queue: {queue['depth']}/{queue['capacity']} items, "
+            f"{_human(queue['large_bytes'])} in large items")
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     records = segments()
     if args.json:
@@ -259,13 +320,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"no grain_shm segments in {names.SHM_DIR}")
         return 0
     print(f"{'NAME':30} {'SIZE':>10} {'SESSION':13} {'ROOT':>7} {'ALIVE':7} {'REAPER':6} "
-          f"{'AGE':>8}  POOL ARENA")
+          f"{'AGE':>8}  POOL ARENA OR QUEUE")
     for r in records:
         print(
             f"{r['name']:30} {_human(r['size']):>10} {r['session'] or '-':13} "
             f"{r['root_pid'] or '-':>7} {_alive_text(r):7} "
             f"{'-' if r['reaper'] is None else 'yes' if r['reaper'] else 'no':6} "
-            f"{r['age_s']:>7.0f}s  {_arena_text(r['arena'])}".rstrip()
+            f"{r['age_s']:>7.0f}s  {_arena_text(r['arena']) or _queue_text(r['queue'])}".rstrip()
         )
     dead = [r for r in records if r["alive"] is False]
     total = sum(r["size"] for r in records)
@@ -432,6 +493,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         dead = [r for r in records if r["alive"] is False]
         print(f"  grain_shm segments: {len(records)}, "
               f"{_human(sum(r['size'] for r in records))}")
+        queues = [r for r in records if r["queue"] is not None]
+        print(f"  queues: {len(queues)}, {_human(sum(r['size'] for r in queues))}")
         if readonly:
             problems.append(f"{shm_dir} is mounted read-only")
             advice.append(f"remount it read-write: `mount -o remount,rw {shm_dir}`")
