@@ -435,8 +435,9 @@ cdef Ring _ring_of(void *addr, size_t size, bytes path):
 def ring_create(Py_ssize_t capacity, Py_ssize_t cell_bytes, Py_ssize_t max_bytes,
                 bytes prefix not None):
     """A new ring of `capacity` cells of at least `cell_bytes` each, bounding
-    large items in flight to `max_bytes`, named "/<prefix><12 random chars>";
-    this handle holds its one count."""
+    large items in flight to `max_bytes`, named "/<prefix>~<12 random chars>"
+    (a session's prefix: the mark keeps array metadata off it); this handle
+    holds its one count."""
     if not 1 <= capacity <= 0x7FFFFFFF:
         raise ValueError(f"capacity must be 1 to {0x7FFFFFFF}, not {capacity}")
     if not 8 <= cell_bytes <= (1 << 24) or max_bytes < 1:
@@ -445,8 +446,11 @@ def ring_create(Py_ssize_t capacity, Py_ssize_t cell_bytes, Py_ssize_t max_bytes
     cdef uint64_t size = gs_ring_bytes(<uint32_t>capacity, stride)
     if size == 0 or size > <uint64_t>PY_SSIZE_T_MAX:
         raise ArraySizeError(f"a ring of {capacity} cells of {cell_bytes} bytes is too large")
-    cdef size_t prefix_len = _check_prefix(prefix)
-    cdef char path[PREFIX_CAP + RANDOM_CHARS + 1]
+    prefix = prefix + b"~"  # names.QUEUE_MARK, one byte past a session's prefix
+    if _mark_of(b"/" + prefix + b"A" * RANDOM_CHARS) != QUEUE_MARK:
+        raise ValueError(f"a queue's prefix must be a session's, not {prefix[:-1]!r}")
+    cdef size_t prefix_len = len(prefix) + 1
+    cdef char path[PREFIX_CAP + 1 + RANDOM_CHARS + 1]
     cdef void *addr = NULL
     cdef int stage = 0
     cdef int rc = _create_named(path, prefix, prefix_len, size, &addr, &stage)
@@ -467,6 +471,8 @@ def ring_create(Py_ssize_t capacity, Py_ssize_t cell_bytes, Py_ssize_t max_bytes
 def ring_open(name):
     """Map the existing ring `name` (its handle count is the caller's to add)."""
     cdef bytes path = _path_of(name)
+    if _mark_of(path) != QUEUE_MARK:
+        raise ValueError(f"shared memory {os.fsdecode(path[1:])!r} is not a grain_shm queue")
     cdef const char *cpath = path
     cdef int fd
     cdef struct_stat st

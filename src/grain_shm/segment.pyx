@@ -76,33 +76,53 @@ cdef bytes _path_of(name):
     return b"/" + raw
 
 
-cdef bint _is_arena_path(bytes path) noexcept:
-    """Whether "/name" is a pool arena's: "/gs", the 13 characters of a
-    session, "_." and 12 random characters (names.ARENA_RE, in C: every open
-    and unlink asks). No other name grain_shm makes has a "." there."""
+cdef enum:
+    ARENA_MARK = 46  # "." : names.ARENA_MARK
+    QUEUE_MARK = 126  # "~" : names.QUEUE_MARK
+
+
+cdef int _mark_of(bytes path) noexcept:
+    """The kind mark of "/name" if it is a session's arena or queue ring:
+    "/gs", the 13 characters of a session, "_", the mark, 12 random
+    characters (names.ARENA_RE, QUEUE_RE, in C: every open and unlink asks);
+    else 0. The random characters never hold a mark."""
     cdef const unsigned char *p = path
     cdef Py_ssize_t i
-    if len(path) != 30 or p[1] != b"g"[0] or p[2] != b"s"[0] or p[16] != b"_"[0] or p[17] != b"."[0]:
-        return False
+    if len(path) != 30 or p[1] != b"g"[0] or p[2] != b"s"[0] or p[16] != b"_"[0]:
+        return 0
+    if p[17] != ARENA_MARK and p[17] != QUEUE_MARK:
+        return 0
     for i in range(3, 16):
         if not (b"0"[0] <= p[i] <= b"9"[0] or b"a"[0] <= p[i] <= b"z"[0]):
-            return False
+            return 0
     for i in range(18, 30):
         if not (b"a"[0] <= p[i] <= b"z"[0] or b"A"[0] <= p[i] <= b"Z"[0]
                 or b"0"[0] <= p[i] <= b"9"[0] or p[i] == b"-"[0] or p[i] == b"_"[0]):
-            return False
-    return True
+            return 0
+    return p[17]
+
+
+cdef inline bint _is_arena_path(bytes path) noexcept:
+    return _mark_of(path) == ARENA_MARK
 
 
 cdef int _refuse_arena(bytes path, str what) except -1:
-    """ValueError if `path` names a pool arena: metadata without a block
-    must not map it (its header hands the blocks out, its other bytes are
-    other arrays) nor unlink it (every array in it would go)."""
-    if _is_arena_path(path):
+    """ValueError if `path` names a pool arena or a queue's ring: metadata
+    without a block must not map an arena (its header hands the blocks out,
+    its other bytes are other arrays) nor unlink it (every array in it would
+    go), and no array's metadata may map or unlink a ring (its cells and
+    claim words belong to the queue's protocol)."""
+    cdef int mark = _mark_of(path)
+    if mark == ARENA_MARK:
         raise ValueError(
             f"shared memory {os.fsdecode(path[1:])!r} is a pool arena, which holds "
             f"many arrays: {what} it needs a reference to one of its blocks "
             "(metadata with `block`), not the arena's name alone"
+        )
+    if mark == QUEUE_MARK:
+        raise ValueError(
+            f"shared memory {os.fsdecode(path[1:])!r} is a grain_shm.Queue's ring, "
+            "not an array's segment: no array's metadata can map or unlink it"
         )
     return 0
 
@@ -110,6 +130,11 @@ cdef int _refuse_arena(bytes path, str what) except -1:
 def is_arena_name(name):
     """Whether `name` is a pool arena's (tests: names.is_arena agrees)."""
     return _is_arena_path(_path_of(name))
+
+
+def is_queue_name(name):
+    """Whether `name` is a queue's ring (tests: names.is_queue agrees)."""
+    return _mark_of(_path_of(name)) == QUEUE_MARK
 
 
 class ArraySizeError(OverflowError, ValueError):
