@@ -11,9 +11,10 @@ leaf by leaf), and sends only references; the consumer owns each array
 from the moment it opens it, so a batch's memory goes when the consumer
 drops it, or when its item fails halfway through unpickling.
 
-Workers take their arrays from the pool of recycled memory exactly when
-the consumer does: the consumer's setting is passed to them,
-whatever their environment says.
+Workers take their arrays from the pool of recycled memory unless
+recycle=False or GRAIN_SHM_RECYCLE=0: nobody looks their arrays up by name,
+so the pool is invisible there, but for speed. The consumer decides and
+tells them, whatever their environment says.
 
 This module is the public API and the stream's position (pass and item);
 its parts live in grain_shm._prefetch: the order (plan), making items
@@ -75,8 +76,10 @@ class Prefetcher(Iterator[Any]):
         plan: _Plan,
         ctx: BaseContext,
         fingerprint: Dict[str, Any],
+        recycle: Optional[bool] = None,
     ) -> None:
         self._options = options
+        self._recycle = recycle
         self._plan = plan
         self._source, self._transform = source, transform
         self._epoch = 0  # passes begun before this one (each num_epochs epochs of the shard)
@@ -148,6 +151,7 @@ class Prefetcher(Iterator[Any]):
             self._payload,
             self._options.per_worker_buffer_size,
             self._options.enable_profiling,
+            self._recycle,
         )
         self._stopper = weakref.finalize(self, self._workers.stop)
 
@@ -215,6 +219,7 @@ def prefetch(
     shard_index: int = 0,
     shard_count: int = 1,
     mp_context: Union[str, BaseContext] = "spawn",
+    recycle: Optional[bool] = None,
 ) -> Prefetcher:
     """`transform(source[i])` for the shard's indices, made in
     `options.num_workers` processes, in an order that does not depend on them.
@@ -236,6 +241,10 @@ def prefetch(
       shard_index, shard_count: read the shard_index-th of shard_count
         contiguous, near-equal parts of the source (one per host).
       mp_context: "spawn", "forkserver", "fork" or a multiprocessing context.
+      recycle: whether the workers take arrays from the pool of recycled
+        memory (None: yes, unless GRAIN_SHM_RECYCLE is set and leaves this
+        process's pool off, e.g. "0"; with this process's bound if it pools).
+        Invisible but for speed: their arrays are never looked up by name.
 
     Raises:
       TypeError: a source or transform that the start method cannot pickle,
@@ -270,4 +279,6 @@ def prefetch(
         "shard_index": shard_index,
         "shard_count": shard_count,
     }
-    return Prefetcher(source, transform, options, plan, ctx, fingerprint)
+    if recycle is not None and not isinstance(recycle, bool):
+        raise TypeError(f"recycle must be None, True or False, not {recycle!r}")
+    return Prefetcher(source, transform, options, plan, ctx, fingerprint, recycle)

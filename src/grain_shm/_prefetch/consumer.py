@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 
 from grain_shm._prefetch import message
 from grain_shm._prefetch.maker import _Stats
-from grain_shm._prefetch.worker import _Failure, _pool_setting, _raise, _work
+from grain_shm._prefetch.worker import _Failure, _raise, _work, pool_for_workers
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -98,6 +98,7 @@ class _Workers:
         payload: Union[bytes, Tuple[RandomAccessSource, Optional[Transform]]],
         buffer_size: int,
         profiling: bool,
+        recycle: Optional[bool],
     ) -> None:
         self.first_item = first_item  # worker w makes first_item + w, + w + num_workers, ...
         self.pid = os.getpid()  # the process that started the workers, and may stop them
@@ -108,7 +109,7 @@ class _Workers:
         self.exited: set[int] = set()  # workers that ended well (exit code 0)
         self.profile = _Profile(num_workers) if profiling else None
         _running.add(self)
-        pool = _pool_setting()
+        pool = pool_for_workers(recycle)
         try:
             for worker in range(num_workers):
                 receive, send = ctx.Pipe(duplex=False)

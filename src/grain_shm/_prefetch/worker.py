@@ -23,7 +23,7 @@ import numpy as np
 from grain_shm import _shm
 from grain_shm._prefetch import message
 from grain_shm._prefetch.maker import _Maker, _Stats
-from grain_shm.array import SharedMemoryArray
+from grain_shm.array import SharedMemoryArray, recycling_chosen
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -99,19 +99,30 @@ def _failure(worker: int, maker: Optional[_Maker], error: BaseException) -> _Fai
     )
 
 
-def _pool_setting() -> int:
-    """This process's pool bound (0: off), for the workers to match whatever
-    their environment says."""
+def pool_for_workers(recycle: Optional[bool]) -> Optional[int]:
+    """The pool bound the workers take (0: off; None: the default bound),
+    decided by the consumer and sent, whatever the workers' environment says
+    (a forkserver may have started before GRAIN_SHM_RECYCLE was set).
+
+    On by default: a worker's arrays are made, sent and released by grain_shm
+    and never looked up by name, so a block is a fresh segment nobody can
+    tell apart, but for speed. Off with recycle=False, or where
+    GRAIN_SHM_RECYCLE is set and left this process's pool off ("0"). The
+    consumer's own bound, if it pools."""
     bound: int = _shm.pool_stats()["max_bytes"]
-    return bound
+    if recycle is False:
+        return 0
+    if bound or recycle is None and recycling_chosen():
+        return bound
+    return None
 
 
-def _match_pool(setting: int) -> None:
-    """Turn this worker's pool on (with the consumer's bound) or off, as the consumer's is."""
-    if setting:
-        SharedMemoryArray.enable_recycling(setting)
-    else:
+def _set_pool(bound: Optional[int]) -> None:
+    """Turn this worker's pool on (None: the default bound) or off (0)."""
+    if bound == 0:
         SharedMemoryArray._disable_recycling()
+    else:
+        SharedMemoryArray.enable_recycling(bound)
 
 
 def _work(
@@ -123,7 +134,7 @@ def _work(
     channel: Connection,
     credits: Semaphore,
     profiling: bool,
-    pool: int,
+    pool: Optional[int],
 ) -> None:
     """A worker: make items first_item, first_item + num_workers, ... and send them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
@@ -144,7 +155,7 @@ def _work(
     item = first_item
     try:
         try:
-            _match_pool(pool)
+            _set_pool(pool)
             source, transform = pickle.loads(payload) if isinstance(payload, bytes) else payload
             maker = _Maker(plan, source, transform, allocate, stats, timed=profiling)
         except Exception as error:
