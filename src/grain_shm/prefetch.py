@@ -220,6 +220,7 @@ def prefetch(
     shard_count: int = 1,
     mp_context: Union[str, BaseContext] = "spawn",
     recycle: Optional[bool] = None,
+    rng_seed: Optional[int] = None,
 ) -> Prefetcher:
     """`transform(source[i])` for the shard's indices, made in
     `options.num_workers` processes, in an order that does not depend on them.
@@ -241,6 +242,11 @@ def prefetch(
       shard_index, shard_count: read the shard_index-th of shard_count
         contiguous, near-equal parts of the source (one per host).
       mp_context: "spawn", "forkserver", "fork" or a multiprocessing context.
+      rng_seed: call `transform(element, rng)` with a numpy Generator made
+        from (rng_seed, epoch, source index) only: an element draws the same
+        numbers whatever num_workers, start method, shard or resume point
+        (Grain's random-map contract), and other ones in the next epoch.
+        None: `transform(element)`.
       recycle: whether the workers take arrays from the pool of recycled
         memory (None: yes, unless GRAIN_SHM_RECYCLE is set and leaves this
         process's pool off, e.g. "0"; with this process's bound if it pools).
@@ -260,6 +266,9 @@ def prefetch(
     batch_size = _int_or_none("batch_size", batch_size, 1)
     num_epochs = _int_or_none("num_epochs", num_epochs, 0)
     shuffle_seed = _int_or_none("shuffle_seed", shuffle_seed, 0)
+    rng_seed = _int_or_none("rng_seed", rng_seed, 0)
+    if rng_seed is not None and transform is None:
+        raise ValueError("rng_seed is for the transform's draws: give a transform")
     shard_count = checked_int("shard_count", shard_count, 1)
     shard_index = checked_int("shard_index", shard_index, 0)
     if shard_index >= shard_count:
@@ -268,7 +277,8 @@ def prefetch(
     base, extra = divmod(length, shard_count)  # Grain's even split
     start = shard_index * base + min(shard_index, extra)
     size = base + (shard_index < extra)
-    plan = _Plan(start, size, num_epochs, shuffle_seed, batch_size, bool(drop_remainder))
+    plan = _Plan(start, size, num_epochs, shuffle_seed, batch_size, bool(drop_remainder),
+                 rng_seed=rng_seed)
     ctx = multiprocessing.get_context(mp_context) if isinstance(mp_context, str) else mp_context
     fingerprint = {
         "source_length": length,
@@ -278,6 +288,7 @@ def prefetch(
         "num_epochs": num_epochs,
         "shard_index": shard_index,
         "shard_count": shard_count,
+        "rng_seed": rng_seed,
     }
     if recycle is not None and not isinstance(recycle, bool):
         raise TypeError(f"recycle must be None, True or False, not {recycle!r}")

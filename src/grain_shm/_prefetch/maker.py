@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Callable, Hashable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Hashable, List, Optional, Tuple, Union, cast
 
 import numpy as np
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from grain_shm._prefetch.plan import _Plan
     from grain_shm.prefetch import RandomAccessSource
 
-Transform = Callable[[Any], Any]
+Transform = Callable[..., Any]  # transform(element), or transform(element, rng)
 Allocate = Callable[[Tuple[int, ...], np.dtype], np.ndarray]
 
 
@@ -84,15 +84,21 @@ class _Maker:
         stats.elements += 1
         if not self._timed:
             element = self._source[index]
-            return element if self._transform is None else self._transform(element)
+            return element if self._transform is None else self._apply(element)
         started = time.perf_counter()
         element = self._source[index]
         read = time.perf_counter()
         if self._transform is not None:
-            element = self._transform(element)
+            element = self._apply(element)
         stats.read_s += read - started
         stats.transform_s += time.perf_counter() - read
         return element
+
+    def _apply(self, element: Any) -> Any:
+        transform = cast(Transform, self._transform)
+        if self._plan.rng_seed is None:
+            return transform(element)
+        return transform(element, self._plan.rng(self.position, self.index))
 
     def _share(self, leaf: Any) -> Any:
         """An element's leaf in a worker: arrays (and tensors, as the arrays
