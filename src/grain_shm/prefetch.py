@@ -18,8 +18,9 @@ tells them, whatever their environment says.
 
 This module is the public API and the stream's position (pass and item);
 its parts live in grain_shm._prefetch: the order (plan), making items
-(maker), what spawned workers are sent (payload), the worker process
-(worker), one item's message (message) and the consumer's side (consumer).
+(maker), tensors as leaves (tensors), what spawned workers are sent
+(payload), the worker process (worker), a worker's exception (failure),
+one item's message (message) and the consumer's side (consumer).
 """
 
 from __future__ import annotations
