@@ -205,7 +205,9 @@ class SharedMemoryArray(np.ndarray):
         has been all free for two seconds is returned to the system at the
         pool's next use, and at exit. Calling it again sets a new bound.
         GRAIN_SHM_RECYCLE=1 (or a byte count) in the environment turns it
-        on at import, in every process that inherits it.
+        on at import, in every process that inherits it; GRAIN_SHM_RECYCLE=0
+        keeps it off, also where it is on by default (prefetch's workers,
+        processes patched for Grain).
 
         Raises:
           TypeError: `max_bytes` is not an int.
