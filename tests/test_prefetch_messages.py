@@ -2,7 +2,6 @@
 sees without configuring logging, a full /dev/shm in a worker, exceptions
 that do not pickle, and no internal name printed at shutdown."""
 
-import json
 import multiprocessing
 import shutil
 import subprocess

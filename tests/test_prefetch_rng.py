@@ -3,7 +3,6 @@ numpy Generator derived from (rng_seed, epoch, source index) only, so an
 element draws the same numbers whatever num_workers, start method, shard or
 resume point, as a Grain random map does."""
 
-import numpy as np
 import pytest
 
 from grain_shm import MultiprocessingOptions, prefetch

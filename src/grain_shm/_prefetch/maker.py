@@ -158,7 +158,8 @@ class _Maker:
                 filling[row] = value
         self.stats.bytes += sum(c.nbytes for c in columns if isinstance(c, np.ndarray))
         tensor = tensors.from_numpy if self._allocate is None else tensors.Shared
-        filled = iter([tensor(c) if i in tensor_columns else c for i, c in enumerate(columns)])
+        filled = iter([tensor(cast(np.ndarray, c)) if i in tensor_columns else c
+                       for i, c in enumerate(columns)])
         return _map_builtin(lambda _: next(filled), first)  # _structure's order, the same walk
 
 

@@ -18,6 +18,7 @@ imports it when the first tensor arrives.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any, Optional, Tuple
 
@@ -33,9 +34,10 @@ def as_array(leaf: Any) -> Optional[np.ndarray]:
     if leaf.device.type != "cpu" or leaf.requires_grad or leaf.layout != torch.strided:
         return None
     try:
-        return leaf.resolve_conj().resolve_neg().numpy()
+        array: np.ndarray = leaf.resolve_conj().resolve_neg().numpy()
     except (TypeError, RuntimeError):  # bfloat16 and the like: no NumPy dtype
         return None
+    return array
 
 
 def is_tensor(leaf: Any) -> bool:
@@ -58,6 +60,5 @@ class Shared:
 
 def from_numpy(array: np.ndarray) -> Any:
     """In the consumer (or in-process): the tensor over `array`'s memory."""
-    import torch
-
+    torch = importlib.import_module("torch")  # here only: a tensor was sent
     return torch.from_numpy(array)
