@@ -231,3 +231,29 @@ def test_a_sigterm_as_a_worker_ends_prints_nothing(signals):
     proc = run_python(LATE_SIGTERM, args=(str(signals),))
     assert proc.stdout == "done\n"
     assert "_Stop" not in proc.stderr and proc.stderr == "", proc.stderr
+
+
+def test_an_exception_of_the_main_script_arrives_as_its_own_type_under_spawn():
+    """A spawned worker knows the consumer's __main__ as __mp_main__, which
+    multiprocessing makes importable in the consumer too."""
+    proc = run_python(
+        """
+        import threading
+        from grain_shm import MultiprocessingOptions, prefetch
+
+        class BadHeader(Exception):
+            pass
+
+        def parse(i):
+            if i == 1:
+                raise BadHeader("no magic", threading.Lock())
+            return i
+
+        if __name__ == "__main__":
+            try:
+                list(prefetch(range(4), parse, options=MultiprocessingOptions(2)))
+            except BadHeader as error:
+                print("caught", error.args[0])
+        """
+    )
+    assert proc.stdout == "caught no magic\n", proc.stderr
