@@ -203,6 +203,8 @@ def _serve(
 
 def _full_message(item: int, shape: Tuple[int, ...], dtype: np.dtype, plan: _Plan,
                   buffer_size: int) -> str:
+    """What a full /dev/shm means here: the item (a batch allocates its
+    columns once, so no element is to blame), its array, and what to lower."""
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     what = "element" if plan.batch_size is None else "batch"
     smaller = f"per_worker_buffer_size ({buffer_size})"
