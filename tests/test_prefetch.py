@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import own_entries, run_python
 
-from grain_shm import MultiprocessingOptions, Prefetcher, SharedMemoryArray, _shm, prefetch
+from grain_shm import MultiprocessingOptions, Prefetcher, SharedMemoryArray, prefetch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -144,27 +144,19 @@ def test_grain_map_dataset_source():
 # -- Batches
 
 
-def pool_on():
-    """Whether this process takes arrays from the pool: then /dev/shm lists
-    arenas, not a file per array."""
-    return _shm.pool_stats()["max_bytes"] > 0
-
-
 def test_batches_are_shared_memory_the_consumer_owns():
     before = own_entries()
     batches = list(prefetch(list(range(6)), record, batch_size=3, options=workers(2),
-                            mp_context="fork"))
+                            mp_context="fork", recycle=False))  # a segment per array
     first = batches[0]
     assert type(first["image"]) is SharedMemoryArray and type(first["label"]) is SharedMemoryArray
     np.testing.assert_array_equal(first["image"], np.stack([record(i)["image"] for i in range(3)]))
     assert first["label"].tolist() == [0, 1, 2]
     assert first["name"] == ["e0", "e1", "e2"]  # strings travel pickled, as a list
     assert first["image"]._unlink_on_del  # owned here: it goes when the batch does
-    if not pool_on():  # with the pool: blocks of arenas, which the pool accounts for
-        assert len(own_entries() - before) == 4  # two batches of two array leaves
+    assert len(own_entries() - before) == 4  # two batches of two array leaves
     del batches, first
-    if not pool_on():
-        assert own_entries() - before == set()
+    assert own_entries() - before == set()
 
 
 @pytest.mark.parametrize("drop_remainder, sizes", [(False, [4, 4, 2]), (True, [4, 4])])
@@ -308,8 +300,9 @@ def test_in_process_transform_error_is_the_same_error():
         list(prefetch(list(range(20)), fail_at_five))
 
 
-def test_an_exception_that_does_not_pickle_becomes_a_runtime_error():
-    with pytest.raises(RuntimeError, match="Unpicklable: cannot travel") as error:
+def test_an_exception_that_does_not_pickle_arrives_as_its_own_type():
+    # Rebuilt from what of it pickles (tests/test_prefetch_messages.py).
+    with pytest.raises(Unpicklable, match="cannot travel") as error:
         list(prefetch(list(range(5)), fail_unpicklably, options=workers(2), mp_context="fork"))
     assert "fail_unpicklably" in str(error.value.__cause__)
 

@@ -97,7 +97,7 @@ def test_an_array_that_cannot_be_opened_leaves_none_of_the_others(monkeypatch, f
     got = []
     with pytest.raises(FileNotFoundError) as error:
         for item in prefetch(list(range(8)), three_arrays, options=MultiprocessingOptions(2, 2),
-                             mp_context="fork"):
+                             mp_context="fork", recycle=False):
             got.append(int(item["a"][0]))
     assert got == [0, 1, 2]
     if hasattr(error.value, "add_note"):

@@ -445,21 +445,30 @@ def _probe(shm_dir: str) -> str | None:
 
 
 def _pool_lines() -> list[str]:
-    """The pool's bound: what GRAIN_SHM_RECYCLE turned on at import, else
-    what enable_recycling() would take."""
+    """Which parts pool by default, and the bound: what GRAIN_SHM_RECYCLE
+    turned on at import, else what enable_recycling() would take."""
     from grain_shm import _shm
     from grain_shm.array import _default_pool_bytes
 
     value = os.environ.get("GRAIN_SHM_RECYCLE")
     bound = _shm.pool_stats()["max_bytes"]  # set at import from GRAIN_SHM_RECYCLE
     default = f"{_human(_default_pool_bytes())} of arenas per process (a quarter of /dev/shm)"
-    if value is None:
-        return ["  GRAIN_SHM_RECYCLE not set: fresh segments, unless a program calls",
-                f"  SharedMemoryArray.enable_recycling(); its default bound: {default}"]
+    by_default = ["  on by default in prefetch()'s workers and in Grain's pipelines under",
+                  "  patch_grain() (their arrays are never looked up by name); off for",
+                  "  plain SharedMemoryArrays. Off everywhere: GRAIN_SHM_RECYCLE=0, or",
+                  "  prefetch(..., recycle=False) for one prefetcher"]
+    if value is None or not value.strip():
+        return [*by_default,
+                "  GRAIN_SHM_RECYCLE not set: plain arrays get fresh segments, unless a",
+                f"  program calls SharedMemoryArray.enable_recycling(); default bound: {default}"]
     if bound == 0:
-        why = "" if value.strip() in ("", "0") else " (it takes 1 or a byte count)"
-        return [f"  GRAIN_SHM_RECYCLE={value!r}: off{why}; the default bound: {default}"]
-    return [f"  GRAIN_SHM_RECYCLE={value!r}: on in every process that inherits it, "
+        why = "" if value.strip().lower() in ("0", "false", "no", "off") else (
+            " (it takes 1 or a byte count)")
+        return [*by_default,
+                f"  GRAIN_SHM_RECYCLE={value!r}: off{why}, in the workers too; the default "
+                f"bound: {default}"]
+    return [*by_default,
+            f"  GRAIN_SHM_RECYCLE={value!r}: on in every process that inherits it, "
             f"bound {_human(bound)} of arenas per process"]
 
 

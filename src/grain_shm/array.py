@@ -211,7 +211,9 @@ class SharedMemoryArray(np.ndarray):
         has been all free for two seconds is returned to the system at the
         pool's next use, and at exit. Calling it again sets a new bound.
         GRAIN_SHM_RECYCLE=1 (or a byte count) in the environment turns it
-        on at import, in every process that inherits it.
+        on at import, in every process that inherits it; GRAIN_SHM_RECYCLE=0
+        keeps it off, also where it is on by default (prefetch's workers,
+        processes patched for Grain).
 
         Raises:
           TypeError: `max_bytes` is not an int.
@@ -350,18 +352,30 @@ def _default_pool_bytes() -> int:
     return max((space[0] if space else 0) // 4, 1 << 20)
 
 
+_OFF = ("0", "false", "no", "off")
+
+
+def recycling_chosen() -> bool:
+    """Whether GRAIN_SHM_RECYCLE says anything: then this process's pool is
+    what it said (applied at import: "0" or a bad value is off), also where
+    grain_shm pools by default (the prefetcher's workers, Grain's pipelines
+    under patch_grain())."""
+    return bool(os.environ.get("GRAIN_SHM_RECYCLE", "").strip())
+
+
 def _recycling_from_environment() -> None:
     """GRAIN_SHM_RECYCLE: "1" (the default bound) or a byte count turns the pool
-    on at import; "0" or "" leaves it off."""
+    on at import; "0" (or "off") turns it off, "" leaves the default (off
+    here; on in the prefetcher's workers and under patch_grain())."""
     value = os.environ.get("GRAIN_SHM_RECYCLE", "").strip()
-    if value in ("", "0"):
+    if value.lower() in ("", *_OFF):
         return
     try:
         max_bytes = None if value.lower() in ("1", "true", "yes", "on") else int(value)
         SharedMemoryArray.enable_recycling(max_bytes)
     except (TypeError, ValueError):
         warnings.warn(
-            f"grain_shm: GRAIN_SHM_RECYCLE={value!r} is neither 1 nor a byte count; "
+            f"grain_shm: GRAIN_SHM_RECYCLE={value!r} is neither 0, 1 nor a byte count; "
             "recycling stays off"
         )
 

@@ -9,6 +9,11 @@ interpreters: the `grain_shm.pth` file installed beside the package runs
 patch_grain() at their start-up when GRAIN_SHM_PATCH_GRAIN is set (to
 anything but "" or "0"), which they inherit. Without the variable the .pth
 line costs one environment lookup and imports nothing.
+
+Patched, a process takes its new arrays from the pool of recycled memory
+(unless GRAIN_SHM_RECYCLE is set, then as it says: "0" keeps fresh
+segments): Grain makes, sends and releases its arrays and never looks one
+up by name, so a pool block is a fresh segment to it, but for speed.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ def patch_grain() -> None:
     Patches Grain now if it is imported, else the moment it is; and sets
     GRAIN_SHM_PATCH_GRAIN=1 in the environment, so that Grain's workers
     (spawned afterwards) patch themselves at start-up. Grain's own
-    `MultiprocessingOptions` stays: it is the same dataclass.
+    `MultiprocessingOptions` stays: it is the same dataclass. Patched
+    processes pool their arrays unless GRAIN_SHM_RECYCLE is set (to "0":
+    fresh segments).
     """
     os.environ[ENV] = "1"
     module = sys.modules.get(GRAIN_MODULE)
@@ -42,6 +49,11 @@ def patch_grain() -> None:
 
 def _patch(module: ModuleType) -> None:
     import grain_shm
+    from grain_shm import _shm
+    from grain_shm.array import recycling_chosen
+
+    if not recycling_chosen() and not _shm.pool_stats()["max_bytes"]:
+        grain_shm.SharedMemoryArray.enable_recycling()  # the default bound
 
     originals = {name: getattr(module, name) for name in NAMES}
     for name, original in originals.items():

@@ -11,14 +11,16 @@ leaf by leaf), and sends only references; the consumer owns each array
 from the moment it opens it, so a batch's memory goes when the consumer
 drops it, or when its item fails halfway through unpickling.
 
-Workers take their arrays from the pool of recycled memory exactly when
-the consumer does: the consumer's setting is passed to them,
-whatever their environment says.
+Workers take their arrays from the pool of recycled memory unless
+recycle=False or GRAIN_SHM_RECYCLE=0: nobody looks their arrays up by name,
+so the pool is invisible there, but for speed. The consumer decides and
+tells them, whatever their environment says.
 
 This module is the public API and the stream's position (pass and item);
 its parts live in grain_shm._prefetch: the order (plan), making items
-(maker), what spawned workers are sent (payload), the worker process
-(worker), one item's message (message) and the consumer's side (consumer).
+(maker), tensors as leaves (tensors), what spawned workers are sent
+(payload), the worker process (worker), a worker's exception (failure),
+one item's message (message) and the consumer's side (consumer).
 """
 
 from __future__ import annotations
@@ -75,8 +77,10 @@ class Prefetcher(Iterator[Any]):
         plan: _Plan,
         ctx: BaseContext,
         fingerprint: Dict[str, Any],
+        recycle: Optional[bool] = None,
     ) -> None:
         self._options = options
+        self._recycle = recycle
         self._plan = plan
         self._source, self._transform = source, transform
         self._epoch = 0  # passes begun before this one (each num_epochs epochs of the shard)
@@ -148,6 +152,7 @@ class Prefetcher(Iterator[Any]):
             self._payload,
             self._options.per_worker_buffer_size,
             self._options.enable_profiling,
+            self._recycle,
         )
         self._stopper = weakref.finalize(self, self._workers.stop)
 
@@ -215,6 +220,8 @@ def prefetch(
     shard_index: int = 0,
     shard_count: int = 1,
     mp_context: Union[str, BaseContext] = "spawn",
+    recycle: Optional[bool] = None,
+    rng_seed: Optional[int] = None,
 ) -> Prefetcher:
     """`transform(source[i])` for the shard's indices, made in
     `options.num_workers` processes, in an order that does not depend on them.
@@ -236,6 +243,15 @@ def prefetch(
       shard_index, shard_count: read the shard_index-th of shard_count
         contiguous, near-equal parts of the source (one per host).
       mp_context: "spawn", "forkserver", "fork" or a multiprocessing context.
+      rng_seed: call `transform(element, rng)` with a numpy Generator made
+        from (rng_seed, epoch, source index) only: an element draws the same
+        numbers whatever num_workers, start method, shard or resume point
+        (Grain's random-map contract), and other ones in the next epoch.
+        None: `transform(element)`.
+      recycle: whether the workers take arrays from the pool of recycled
+        memory (None: yes, unless GRAIN_SHM_RECYCLE is set and leaves this
+        process's pool off, e.g. "0"; with this process's bound if it pools).
+        Invisible but for speed: their arrays are never looked up by name.
 
     Raises:
       TypeError: a source or transform that the start method cannot pickle,
@@ -251,6 +267,9 @@ def prefetch(
     batch_size = _int_or_none("batch_size", batch_size, 1)
     num_epochs = _int_or_none("num_epochs", num_epochs, 0)
     shuffle_seed = _int_or_none("shuffle_seed", shuffle_seed, 0)
+    rng_seed = _int_or_none("rng_seed", rng_seed, 0)
+    if rng_seed is not None and transform is None:
+        raise ValueError("rng_seed is for the transform's draws: give a transform")
     shard_count = checked_int("shard_count", shard_count, 1)
     shard_index = checked_int("shard_index", shard_index, 0)
     if shard_index >= shard_count:
@@ -259,7 +278,8 @@ def prefetch(
     base, extra = divmod(length, shard_count)  # Grain's even split
     start = shard_index * base + min(shard_index, extra)
     size = base + (shard_index < extra)
-    plan = _Plan(start, size, num_epochs, shuffle_seed, batch_size, bool(drop_remainder))
+    plan = _Plan(start, size, num_epochs, shuffle_seed, batch_size, bool(drop_remainder),
+                 rng_seed=rng_seed)
     ctx = multiprocessing.get_context(mp_context) if isinstance(mp_context, str) else mp_context
     fingerprint = {
         "source_length": length,
@@ -269,5 +289,8 @@ def prefetch(
         "num_epochs": num_epochs,
         "shard_index": shard_index,
         "shard_count": shard_count,
+        "rng_seed": rng_seed,
     }
-    return Prefetcher(source, transform, options, plan, ctx, fingerprint)
+    if recycle is not None and not isinstance(recycle, bool):
+        raise TypeError(f"recycle must be None, True or False, not {recycle!r}")
+    return Prefetcher(source, transform, options, plan, ctx, fingerprint, recycle)

@@ -24,9 +24,9 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 
-from grain_shm._prefetch import message
+from grain_shm._prefetch import failure, message
 from grain_shm._prefetch.maker import _Stats
-from grain_shm._prefetch.worker import _Failure, _pool_setting, _raise, _work
+from grain_shm._prefetch.worker import _work, pool_for_workers
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -44,10 +44,24 @@ _STOP_GRACE_S = 0.5  # after SIGTERM, before SIGKILL
 _PROFILE_EVERY_S = 5.0
 
 
+def _to_stderr_if_unconfigured() -> None:
+    """Profiling was asked for: show it even where the program configured no
+    logging (no handler anywhere up the logger's chain, and no level set on
+    it), with a handler to stderr on this logger. A program that configured
+    logging keeps what it chose (e.g. basicConfig's WARNING)."""
+    if logger.hasHandlers() or logger.level != logging.NOTSET:
+        return
+    handler = logging.StreamHandler()  # sys.stderr, looked up as each record is written
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 class _Profile:
     """Per-worker figures from the stats the workers send, logged every few seconds."""
 
     def __init__(self, num_workers: int) -> None:
+        _to_stderr_if_unconfigured()
         self.started = time.perf_counter()
         self.last_log = self.started
         self.stats: List[Optional[_Stats]] = [None] * num_workers
@@ -98,6 +112,7 @@ class _Workers:
         payload: Union[bytes, Tuple[RandomAccessSource, Optional[Transform]]],
         buffer_size: int,
         profiling: bool,
+        recycle: Optional[bool],
     ) -> None:
         self.first_item = first_item  # worker w makes first_item + w, + w + num_workers, ...
         self.pid = os.getpid()  # the process that started the workers, and may stop them
@@ -108,7 +123,7 @@ class _Workers:
         self.exited: set[int] = set()  # workers that ended well (exit code 0)
         self.profile = _Profile(num_workers) if profiling else None
         _running.add(self)
-        pool = _pool_setting()
+        pool = pool_for_workers(recycle)
         try:
             for worker in range(num_workers):
                 receive, send = ctx.Pipe(duplex=False)
@@ -116,7 +131,7 @@ class _Workers:
                 proc = ctx.Process(  # type: ignore[attr-defined]
                     target=_work,
                     args=(worker, num_workers, first_item + worker, plan, payload, send,
-                          credits, profiling, pool),
+                          credits, buffer_size, profiling, pool),
                     name=f"grain_shm-prefetch-{worker}",
                     daemon=True,
                 )
@@ -154,8 +169,8 @@ class _Workers:
                 f"prefetch worker {worker} sent item {got} where item {item} was due: its "
                 f"order and the consumer's disagree (a bug in grain_shm; please report it)"
             )
-        if isinstance(tree, _Failure):
-            _raise(tree)
+        if isinstance(tree, failure.Failure):
+            failure.raise_failure(tree)
         if self.profile is not None and stats is not None:
             self.profile.update(worker, stats)
         return tree

@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Callable, Hashable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Hashable, List, Optional, Tuple, Union, cast
 
 import numpy as np
 
+from grain_shm._prefetch import tensors
 from grain_shm._prefetch.plan import _Order
 from grain_shm.tree import _map, _map_builtin
 
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from grain_shm._prefetch.plan import _Plan
     from grain_shm.prefetch import RandomAccessSource
 
-Transform = Callable[[Any], Any]
+Transform = Callable[..., Any]  # transform(element), or transform(element, rng)
 Allocate = Callable[[Tuple[int, ...], np.dtype], np.ndarray]
 
 
@@ -34,13 +35,15 @@ def _structure(tree: Any, leaves: List[Any]) -> Hashable:
 
 
 def _as_array(leaf: Any) -> Optional[np.ndarray]:
-    """The leaf as an array if it belongs in shared memory (arrays and numbers
-    with a fixed-size, non-object dtype); strings and objects travel pickled."""
+    """The leaf as an array if it belongs in shared memory (arrays, CPU
+    tensors and numbers with a fixed-size, non-object dtype); strings and
+    objects travel pickled."""
     if isinstance(leaf, (np.ndarray, np.number, np.bool_, bool, int, float, complex)):
         value = np.asarray(leaf)
         if value.dtype.kind not in "OUS":
             return value
-    return None
+        return None
+    return tensors.as_array(leaf)
 
 
 class _Maker:
@@ -81,24 +84,34 @@ class _Maker:
         stats.elements += 1
         if not self._timed:
             element = self._source[index]
-            return element if self._transform is None else self._transform(element)
+            return element if self._transform is None else self._apply(element)
         started = time.perf_counter()
         element = self._source[index]
         read = time.perf_counter()
         if self._transform is not None:
-            element = self._transform(element)
+            element = self._apply(element)
         stats.read_s += read - started
         stats.transform_s += time.perf_counter() - read
         return element
 
+    def _apply(self, element: Any) -> Any:
+        transform = cast(Transform, self._transform)
+        if self._plan.rng_seed is None:
+            return transform(element)
+        return transform(element, self._plan.rng(self.position, self.index))
+
     def _share(self, leaf: Any) -> Any:
-        if not isinstance(leaf, np.ndarray) or leaf.dtype.hasobject:
+        """An element's leaf in a worker: arrays (and tensors, as the arrays
+        they view) copied once into shared memory."""
+        tensor = tensors.as_array(leaf)
+        array = leaf if tensor is None else tensor
+        if not isinstance(array, np.ndarray) or array.dtype.hasobject:
             return leaf
         assert self._allocate is not None
-        shared = self._allocate(leaf.shape, leaf.dtype)
-        np.copyto(shared, leaf, casting="no")
+        shared = self._allocate(array.shape, array.dtype)
+        np.copyto(shared, array, casting="no")
         self.stats.bytes += shared.nbytes
-        return shared
+        return shared if tensor is None else tensors.Shared(shared)
 
     def _batch(self, positions: range, indices: List[int]) -> Any:
         allocate = self._allocate or (lambda shape, dtype: np.empty(shape, dtype))
@@ -107,6 +120,7 @@ class _Maker:
         structure = _structure(first, leaves)
         bare = structure is None  # the element is its only leaf: no tree to compare
         columns: List[Union[np.ndarray, List[Any]]] = []
+        tensor_columns = set()  # a column of tensors arrives as one tensor
         for leaf in leaves:
             value = _as_array(leaf)
             if value is None:
@@ -114,6 +128,8 @@ class _Maker:
             else:
                 column = allocate((len(positions),) + value.shape, value.dtype)
                 column[0] = value
+                if tensors.is_tensor(leaf):
+                    tensor_columns.add(len(columns))
                 columns.append(column)
         for row in range(1, len(positions)):
             element = self._element(positions[row], indices[row])
@@ -130,7 +146,9 @@ class _Maker:
                 if isinstance(filling, list):
                     filling.append(leaf)
                     continue
-                value = np.asarray(leaf)
+                value = tensors.as_array(leaf)
+                if value is None:
+                    value = np.asarray(leaf)
                 if value.shape != filling.shape[1:] or value.dtype != filling.dtype:
                     raise ValueError(
                         f"element {self.position} (source index {self.index}) has a leaf of "
@@ -139,8 +157,10 @@ class _Maker:
                     )
                 filling[row] = value
         self.stats.bytes += sum(c.nbytes for c in columns if isinstance(c, np.ndarray))
-        filled = iter(columns)  # in _structure's order: rebuilt by the same walk
-        return _map_builtin(lambda _: next(filled), first)
+        tensor = tensors.from_numpy if self._allocate is None else tensors.Shared
+        filled = iter([tensor(cast(np.ndarray, c)) if i in tensor_columns else c
+                       for i, c in enumerate(columns)])
+        return _map_builtin(lambda _: next(filled), first)  # _structure's order, the same walk
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ import signal
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, List, Optional, Tuple
 
+from grain_shm._prefetch import tensors
 from grain_shm.array import SharedMemoryArray
 
 _SIGINT = {signal.SIGINT}
@@ -41,7 +42,10 @@ class _Arrays:
 
 class _Pickler(ForkingPickler):
     """ForkingPickler (with the reducers multiprocessing registers) that
-    sends the worker's own arrays as items of the message's `_Arrays`."""
+    sends the worker's own arrays as items of the message's `_Arrays`, and
+    a torch tensor left in the tree (one tensors.as_array cannot view) by
+    value, as plain pickle does, never by the reductions torch registers
+    here (see tensors.py)."""
 
     def __init__(self, file: io.BytesIO, made: List[SharedMemoryArray]) -> None:
         super().__init__(file)
@@ -51,6 +55,8 @@ class _Pickler(ForkingPickler):
     def reducer_override(self, obj: Any) -> Any:
         i = self._index.get(id(obj))
         if i is None:
+            if tensors.is_tensor(obj):
+                return pickle.loads, (pickle.dumps(obj),)
             return NotImplemented
         return operator.getitem, (self.made, i)
 

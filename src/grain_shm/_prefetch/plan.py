@@ -24,6 +24,18 @@ class _Plan:
     batch_size: Optional[int]
     drop_remainder: bool
     first_epoch: int = 0  # pass p of a prefetcher starts at epoch p * num_epochs
+    rng_seed: Optional[int] = None  # transform(element, rng), rng from (seed, epoch, index)
+
+    def epoch_of(self, position: int) -> int:
+        """The epoch (counted over every pass) that stream position `position` is in."""
+        return self.first_epoch + position // self.size
+
+    def rng(self, position: int, index: int) -> np.random.Generator:
+        """The generator of the element at `position` (source index `index`):
+        from (rng_seed, epoch, index) only, so the same for every worker
+        count, start method, shard and resume point, and fresh per epoch.
+        (A SeedSequence of three words: about 20 µs an element here.)"""
+        return np.random.default_rng([cast(int, self.rng_seed), self.epoch_of(position), index])
 
     @property
     def num_items(self) -> Optional[int]:

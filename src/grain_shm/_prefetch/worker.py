@@ -4,26 +4,25 @@ and sends each as one message on its pipe, within its buffer's credits.
 Stopping sends SIGTERM: a worker raises `_Stop` at once, except while it
 creates an array and records it, or sends a message and forgets what it
 held, so every array it made is either sent (drained and unlinked by the
-consumer) or unlinked by the worker itself. An exception is sent as a
-`_Failure`, for the consumer to raise at its position.
+consumer) or unlinked by the worker itself; and no _Stop ever escapes
+(see _work). An exception is sent as a failure.Failure, for the consumer
+to raise at its position.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import pickle
 import signal
 import time
-import traceback
 from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
 import numpy as np
 
 from grain_shm import _shm
-from grain_shm._prefetch import message
+from grain_shm._prefetch import failure, message
 from grain_shm._prefetch.maker import _Maker, _Stats
-from grain_shm.array import SharedMemoryArray
+from grain_shm.array import SharedMemoryArray, recycling_chosen
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -43,75 +42,59 @@ class _Stop(BaseException):
 
 class _StopGuard:
     """SIGTERM raises _Stop at once, except inside `with guard:`, where it
-    waits for the block to end."""
+    waits for the block to end; at most once, and never once disarmed."""
 
     def __init__(self) -> None:
         self.depth = 0
         self.pending = False
+        self.armed = True  # False once _Stop was raised, or the worker's loop has ended
 
     def on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
-        if self.depth:
+        if self.depth or not self.armed:
             self.pending = True
         else:
-            raise _Stop
+            self._stop()
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def _stop(self) -> None:
+        self.armed = False  # once: a second SIGTERM must not interrupt the unwinding
+        raise _Stop
 
     def __enter__(self) -> None:
         self.depth += 1
 
     def __exit__(self, *exc: object) -> None:
         self.depth -= 1
-        if not self.depth and self.pending:
-            raise _Stop
+        if not self.depth and self.pending and self.armed:
+            self._stop()
 
 
-@dataclasses.dataclass(frozen=True)
-class _Failure:
-    """An exception in a worker, for the consumer to raise at its position."""
+def pool_for_workers(recycle: Optional[bool]) -> Optional[int]:
+    """The pool bound the workers take (0: off; None: the default bound),
+    decided by the consumer and sent, whatever the workers' environment says
+    (a forkserver may have started before GRAIN_SHM_RECYCLE was set).
 
-    worker: int
-    position: Optional[int]  # None: the worker failed before its first element
-    index: Optional[int]
-    error: Optional[bytes]  # the pickled exception, if it pickles
-    summary: str  # type and message, for an exception that does not pickle
-    text: str  # the worker's traceback
-
-
-class _RemoteTraceback(Exception):
-    """The worker's traceback, as the cause of the exception it raised."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-def _failure(worker: int, maker: Optional[_Maker], error: BaseException) -> _Failure:
-    try:
-        pickled: Optional[bytes] = pickle.dumps(error)
-    except Exception:
-        pickled = None
-    position = maker.position if maker is not None and maker.position >= 0 else None
-    return _Failure(
-        worker,
-        position,
-        maker.index if position is not None and maker is not None else None,
-        pickled,
-        f"{type(error).__qualname__}: {error}",
-        traceback.format_exc(),
-    )
-
-
-def _pool_setting() -> int:
-    """This process's pool bound (0: off), for the workers to match whatever
-    their environment says."""
+    On by default: a worker's arrays are made, sent and released by grain_shm
+    and never looked up by name, so a block is a fresh segment nobody can
+    tell apart, but for speed. Off with recycle=False, or where
+    GRAIN_SHM_RECYCLE is set and left this process's pool off ("0"). The
+    consumer's own bound, if it pools."""
     bound: int = _shm.pool_stats()["max_bytes"]
-    return bound
+    if recycle is False:
+        return 0
+    if bound or recycle is None and recycling_chosen():
+        return bound
+    return None
 
 
-def _match_pool(setting: int) -> None:
-    """Turn this worker's pool on (with the consumer's bound) or off, as the consumer's is."""
-    if setting:
-        SharedMemoryArray.enable_recycling(setting)
-    else:
+def _set_pool(bound: Optional[int]) -> None:
+    """Turn this worker's pool on (None: the default bound) or off (0)."""
+    if bound == 0:
         SharedMemoryArray._disable_recycling()
+    else:
+        SharedMemoryArray.enable_recycling(bound)
 
 
 def _work(
@@ -122,65 +105,116 @@ def _work(
     payload: Union[bytes, Tuple[RandomAccessSource, Optional[Transform]]],
     channel: Connection,
     credits: Semaphore,
+    buffer_size: int,
     profiling: bool,
-    pool: int,
+    pool: Optional[int],
 ) -> None:
-    """A worker: make items first_item, first_item + num_workers, ... and send them."""
+    """A worker: make items first_item, first_item + num_workers, ... and send them.
+
+    No _Stop escapes: the handler is installed inside the outer try, raises
+    at most once, and is disarmed as the inner try ends, so a SIGTERM in the
+    inner finally (before the disarm) is caught below, and one after it
+    (the except and finally here, the interpreter's exit) raises nothing.
+    Before the handler is installed, SIGTERM's default ends the process
+    silently; it holds nothing yet."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
     guard = _StopGuard()
-    signal.signal(signal.SIGTERM, guard.on_signal)
     held: List[SharedMemoryArray] = []  # arrays of the item being made, not yet sent
+    try:
+        try:
+            signal.signal(signal.SIGTERM, guard.on_signal)
+            _serve(worker, num_workers, first_item, plan, payload, channel, credits,
+                   buffer_size, profiling, pool, guard, held)
+        finally:
+            guard.disarm()
+    except (_Stop, BrokenPipeError):
+        pass
+    finally:
+        _discard(held)
+
+
+def _serve(
+    worker: int,
+    num_workers: int,
+    item: int,
+    plan: _Plan,
+    payload: Union[bytes, Tuple[RandomAccessSource, Optional[Transform]]],
+    channel: Connection,
+    credits: Semaphore,
+    buffer_size: int,
+    profiling: bool,
+    pool: Optional[int],
+    guard: _StopGuard,
+    held: List[SharedMemoryArray],
+) -> None:
+    """The worker's loop; an exception in it is sent as a Failure, and ends it."""
+    full: List[str] = []  # what could not be allocated: the item's failure, not an element's
 
     def allocate(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        with guard:
-            array = SharedMemoryArray(shape, dtype)
-            held.append(array)
+        try:
+            with guard:
+                array = SharedMemoryArray(shape, dtype)
+                held.append(array)
+        except MemoryError as error:  # a full /dev/shm: say what to change
+            full.append(_full_message(item, shape, dtype, plan, buffer_size))
+            raise MemoryError(f"{full[-1]}: {error}") from None
         return array
 
     started = time.perf_counter()
     stats = _Stats()
     maker: Optional[_Maker] = None
     parent = multiprocessing.parent_process()
-    item = first_item
     try:
+        _set_pool(pool)
+        source, transform = pickle.loads(payload) if isinstance(payload, bytes) else payload
+        maker = _Maker(plan, source, transform, allocate, stats, timed=profiling)
+    except Exception as error:
+        with guard:
+            channel.send_bytes(message.dumps(item, failure.capture(worker, error), [], None))
+        return
+    end = plan.num_items
+    while end is None or item < end:
+        if not credits.acquire(block=False):
+            blocked = time.perf_counter()
+            while not credits.acquire(timeout=_PARENT_CHECK_S):
+                if parent is not None and not parent.is_alive():
+                    raise _Stop
+            stats.blocked_s += time.perf_counter() - blocked
         try:
-            _match_pool(pool)
-            source, transform = pickle.loads(payload) if isinstance(payload, bytes) else payload
-            maker = _Maker(plan, source, transform, allocate, stats, timed=profiling)
+            tree = maker.make(item)
+            stats.alive_s = time.perf_counter() - started
+            # Pickled before sending, so that a leaf pickle refuses is this
+            # item's error; the arrays in `held` travel as the consumer's own.
+            pickled = message.dumps(item, tree, held, stats if profiling else None)
         except Exception as error:
+            _discard(held)
+            where = "" if full or maker.position < 0 else (
+                f"at element {maker.position} of the stream (source index {maker.index})")
             with guard:
-                channel.send_bytes(message.dumps(item, _failure(worker, None, error), [], None))
+                channel.send_bytes(
+                    message.dumps(item, failure.capture(worker, error, where), [], None))
             return
-        end = plan.num_items
-        while end is None or item < end:
-            if not credits.acquire(block=False):
-                blocked = time.perf_counter()
-                while not credits.acquire(timeout=_PARENT_CHECK_S):
-                    if parent is not None and not parent.is_alive():
-                        raise _Stop
-                stats.blocked_s += time.perf_counter() - blocked
-            try:
-                tree = maker.make(item)
-                stats.alive_s = time.perf_counter() - started
-                # Pickled before sending, so that a leaf pickle refuses is this
-                # item's error; the arrays in `held` travel as the consumer's own.
-                pickled = message.dumps(item, tree, held, stats if profiling else None)
-            except Exception as error:
-                _discard(held)
-                with guard:
-                    channel.send_bytes(
-                        message.dumps(item, _failure(worker, maker, error), [], None))
-                return
-            with guard:
-                channel.send_bytes(pickled)
-                held.clear()
-            del tree, pickled
-            item += num_workers
-    except (_Stop, BrokenPipeError):
-        pass
-    finally:
-        _discard(held)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # nothing left to stop: exit in peace
+        with guard:
+            channel.send_bytes(pickled)
+            held.clear()
+        del tree, pickled
+        item += num_workers
+
+
+def _full_message(item: int, shape: Tuple[int, ...], dtype: np.dtype, plan: _Plan,
+                  buffer_size: int) -> str:
+    """What a full /dev/shm means here: the item (a batch allocates its
+    columns once, so no element is to blame), its array, and what to lower."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    what = "element" if plan.batch_size is None else "batch"
+    smaller = f"per_worker_buffer_size ({buffer_size})"
+    if plan.batch_size is not None:
+        smaller += f" or batch_size ({plan.batch_size})"
+    return (f"/dev/shm is full: item {item} (a {what}) needs {shape} {np.dtype(dtype)}, "
+            f"{nbytes / (1 << 20):.1f} MiB, for one of its arrays, and each worker holds up "
+            f"to per_worker_buffer_size items besides the one it makes; a smaller {smaller} "
+            f"needs less; `python -m grain_shm doctor` shows /dev/shm's room and how to "
+            f"enlarge it")
 
 
 def _discard(arrays: List[SharedMemoryArray]) -> None:
@@ -188,24 +222,3 @@ def _discard(arrays: List[SharedMemoryArray]) -> None:
     for array in arrays:
         array.unlink_on_del()
     arrays.clear()
-
-
-def _raise(failure: _Failure) -> None:
-    where = (
-        f"in prefetch worker {failure.worker}"
-        if failure.position is None
-        else f"in prefetch worker {failure.worker}, at element {failure.position} of the "
-        f"stream (source index {failure.index})"
-    )
-    error: Optional[BaseException] = None
-    if failure.error is not None:
-        try:
-            error = pickle.loads(failure.error)
-        except Exception:
-            error = None
-    if isinstance(error, BaseException):
-        if hasattr(error, "add_note"):  # Python 3.11+
-            error.add_note(f"(raised {where})")
-    else:
-        error = RuntimeError(f"{failure.summary} (raised {where})")
-    raise error from _RemoteTraceback(failure.text)

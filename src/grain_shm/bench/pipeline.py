@@ -121,15 +121,15 @@ Stream = Tuple[Iterator[Any], Callable[[], None]]  # the items, and how to stop
 def _grain_shm(nbytes: int, recycle: bool) -> Stream:
     import grain_shm
 
-    # The workers' pool is set as this process's is (on, or off even where
-    # GRAIN_SHM_RECYCLE says on), so "grain_shm" measures fresh segments.
+    # The workers pool unless told not to (recycle=False: "grain_shm"
+    # measures fresh segments, even where GRAIN_SHM_RECYCLE says on).
     if recycle:
         grain_shm.SharedMemoryArray.enable_recycling()
     else:
         grain_shm.SharedMemoryArray._disable_recycling()
     stream = grain_shm.prefetch(
         range(1 << 62), MakeElement(nbytes), batch_size=batch_size(nbytes), num_epochs=None,
-        options=grain_shm.MultiprocessingOptions(WORKERS, IN_FLIGHT),
+        options=grain_shm.MultiprocessingOptions(WORKERS, IN_FLIGHT), recycle=recycle,
     )
     return stream, stream.close
 
