@@ -132,7 +132,8 @@ def test_random_access_sources(source):
 
 
 def test_grain_map_dataset_source():
-    grain = pytest.importorskip("grain")
+    grain = pytest.importorskip(
+        "grain", reason="needs Grain: pip install 'grain_shm[compare]' (none for free-threaded Python)")
     dataset = grain.MapDataset.range(6).map(lambda i: np.full(2, i))
     # Plain lists: Grain's datasets keep the frame that made them alive
     # until the next garbage collection, and arrays in it with them.
