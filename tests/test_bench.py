@@ -22,7 +22,6 @@ HAVE_GRAIN = importlib.util.find_spec("grain") is not None
 # The peers of the `compare` extra; grain_shm.Queue until it lands (issue 17).
 PEERS = {"faster-fifo": "faster_fifo", "iceoryx2": "iceoryx2"}
 HAVE = {name: importlib.util.find_spec(module) is not None for name, module in PEERS.items()}
-HAVE_QUEUE = hasattr(grain_shm, "Queue")
 # The handoff ring relies on x86's store order; elsewhere its cell is skipped.
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 TRANSPORTS = ["pickle", "stdlib", "grain_shm", "grain_shm-async", "grain_shm-recycle",
@@ -89,9 +88,6 @@ def test_every_cell_ran_or_says_why_not(quick_run):
             assert cell["status"] == "skipped" and "grain is not installed" in cell["reason"]
         elif key == ("ceilings", "cross-process") and not X86:
             assert cell["status"] == "skipped" and "TSO" in cell["reason"]
-        elif key[1] in ("grain_shm-queue", "queue:grain_shm.Queue") and not HAVE_QUEUE:
-            assert cell["status"] == "skipped", cell
-            assert cell["reason"] == "grain_shm.Queue is unavailable: this grain_shm has no Queue yet"
         elif str(key[1]).removeprefix("queue:") in PEERS and not HAVE[key[1].removeprefix("queue:")]:
             assert cell["status"] == "skipped" and "pip install 'grain_shm[compare]'" in cell["reason"]
         else:
@@ -235,37 +231,25 @@ def test_a_missing_peer_or_queue_is_left_out_with_a_note(monkeypatch):
     want = "faster_fifo is not installed (pip install 'grain_shm[compare]')"
     assert transports.missing("faster-fifo") == transports.missing("queue:faster-fifo") == want
     assert transports.missing("pickle") is transports.missing("queue:multiprocessing.Queue") is None
-    monkeypatch.delattr(grain_shm, "Queue", raising=False)
-    queue = "grain_shm.Queue is unavailable: this grain_shm has no Queue yet"
-    assert transports.missing("grain_shm-queue") == transports.missing("queue:grain_shm.Queue") == queue
+    assert transports.missing("grain_shm-queue") is transports.missing("queue:grain_shm.Queue") is None
     cells = [{"section": section, "transport": transport, "sizes": sizes, "status": "skipped",
               "reason": transports.missing(transport)}
              for section, transport, sizes in [("transfer", "faster-fifo", [4096]),
                                                ("transfer", "faster-fifo", [65536]),
-                                               ("ceilings", "queue:faster-fifo", []),
-                                               ("transfer", "grain_shm-queue", [4096])]]
+                                               ("ceilings", "queue:faster-fifo", [])]]
     doc = {"cells": cells, "config": {"left_out": None, "sections": []},
            "leak_check": {"ok": True, "dir": "/dev/shm", "leaked": []}}
     assert report._notes(doc) == [f"faster-fifo, queue:faster-fifo skipped: {want}",
-                                  f"grain_shm-queue skipped: {queue}",
                                   "Leak check: /dev/shm holds nothing new."]
 
 
-def test_grain_shm_queue_runs_unchanged_once_the_queue_exists():
-    """grain_shm-queue is coded against grain_shm.Queue(maxsize)'s interface
-    (multiprocessing.Queue's): with a stand-in behind that constructor, its
-    transfer and its queue's ceiling run, every byte checked, the pool on."""
+def test_grain_shm_queue_moves_arrays_and_has_its_ceiling():
+    """grain_shm-queue: the pool's arrays through grain_shm.Queue, every byte
+    checked; and that queue's own rate and latency."""
     run_python("""
-        import multiprocessing
-
-        import grain_shm
         from grain_shm.bench import SECTIONS, runner, transports
 
-        def stand_in(maxsize=0):
-            return multiprocessing.get_context("spawn").Queue(maxsize)
-
         if __name__ == "__main__":
-            grain_shm.Queue = stand_in
             assert transports.missing("grain_shm-queue") is None
             transfer = runner.run_cell(runner.Cell("transfer", "grain_shm-queue", (65536,),
                                                    0.05, 3, 4), SECTIONS["transfer"])
