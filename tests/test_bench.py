@@ -19,7 +19,7 @@ from conftest import run_python
 
 SECTIONS = ["ceilings", "transfer", "cfd", "release", "grain-pipeline", "pipeline"]
 HAVE_GRAIN = importlib.util.find_spec("grain") is not None
-# The peers of the `compare` extra; grain_shm.Queue until it lands (issue 17).
+# The peers of the `compare` extra.
 PEERS = {"faster-fifo": "faster_fifo", "iceoryx2": "iceoryx2"}
 HAVE = {name: importlib.util.find_spec(module) is not None for name, module in PEERS.items()}
 # The handoff ring relies on x86's store order; elsewhere its cell is skipped.
