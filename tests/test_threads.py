@@ -131,7 +131,7 @@ def forker():
                     if bytes(memoryview(anchor)) == EXPECTED_ANCHOR and bytes(memoryview(back)) == b"\7" * 4096:
                         status = 0
                     del mine, back
-                    session._unlink_owned_at_exit()
+                    session._unlink_owned_at_exit(leaving_through_os_exit=True)
                 finally:
                     os._exit(status)
             _, status = os.waitpid(pid, 0)

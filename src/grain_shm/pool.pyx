@@ -407,12 +407,14 @@ def _leaves_through_os_exit():
     return False
 
 
-def pool_at_exit():
+def pool_at_exit(bint leaving_through_os_exit=False):
     """Exit, after unlink_owned (so owned blocks are unlinked first): the pool
     off, and the own arenas left to whoever frees their last block (the ones
     all free go now). The block references this process holds are dropped at
     the interpreter's end (above), or here in a process for which that never
-    comes (os._exit): then nothing of Python runs after but threading's shutdown."""
+    comes (os._exit: a multiprocessing child started by fork or forkserver,
+    found on the stack, or a caller that says so): then nothing of Python
+    runs after but threading's shutdown."""
     global _pool_limit, _pool_bytes
     cdef Arena arena
     _pool_limit = 0
@@ -424,7 +426,7 @@ def pool_at_exit():
                 shm_unlink(arena.path)
         classes[klass] = []
     _pool_bytes = 0
-    if not _dropped_at_finalization or _leaves_through_os_exit():
+    if not _dropped_at_finalization or leaving_through_os_exit or _leaves_through_os_exit():
         gs_helds_drop()
         for arena in _arenas.values():
             arena.live = 0
