@@ -1,5 +1,6 @@
 """The worker process: it makes items first_item, first_item + num_workers, ...
-and sends each as one message on its pipe, within its buffer's credits.
+and sends each as one message on its channel (channel.py), within its
+buffer's bound.
 
 Stopping sends SIGTERM: a worker raises `_Stop` at once, except while it
 creates an array and records it, or sends a message and forgets what it
@@ -22,20 +23,18 @@ import numpy as np
 
 from grain_shm import _shm
 from grain_shm._prefetch import message
+from grain_shm._prefetch.channel import ConsumerGone
 from grain_shm._prefetch.maker import _Maker, _Stats
 from grain_shm.array import SharedMemoryArray
 
 if TYPE_CHECKING:
-    from multiprocessing.connection import Connection
-    from multiprocessing.synchronize import Semaphore
     from types import FrameType
+
+    from grain_shm._prefetch.channel import Sender
 
     from grain_shm._prefetch.maker import Transform
     from grain_shm._prefetch.plan import _Plan
     from grain_shm.prefetch import RandomAccessSource
-
-_PARENT_CHECK_S = 1.0  # how often a worker blocked on a full buffer checks its parent
-
 
 class _Stop(BaseException):
     """The consumer asked this worker to stop (SIGTERM)."""
@@ -120,8 +119,7 @@ def _work(
     first_item: int,
     plan: _Plan,
     payload: Union[bytes, Tuple[RandomAccessSource, Optional[Transform]]],
-    channel: Connection,
-    credits: Semaphore,
+    channel: Sender,
     profiling: bool,
     pool: int,
 ) -> None:
@@ -142,23 +140,24 @@ def _work(
     maker: Optional[_Maker] = None
     parent = multiprocessing.parent_process()
     item = first_item
+
+    def parent_alive() -> bool:
+        return parent is None or parent.is_alive()
+
+    def send(data: bytes) -> None:
+        """Send `data`; what `held` had is the consumer's once it is sent."""
+        channel.send(data, guard, held.clear)
     try:
         try:
             _match_pool(pool)
             source, transform = pickle.loads(payload) if isinstance(payload, bytes) else payload
             maker = _Maker(plan, source, transform, allocate, stats, timed=profiling)
         except Exception as error:
-            with guard:
-                channel.send_bytes(message.dumps(item, _failure(worker, None, error), [], None))
+            send(message.dumps(item, _failure(worker, None, error), [], None))
             return
         end = plan.num_items
         while end is None or item < end:
-            if not credits.acquire(block=False):
-                blocked = time.perf_counter()
-                while not credits.acquire(timeout=_PARENT_CHECK_S):
-                    if parent is not None and not parent.is_alive():
-                        raise _Stop
-                stats.blocked_s += time.perf_counter() - blocked
+            stats.blocked_s += channel.wait_for_room(parent_alive)
             try:
                 tree = maker.make(item)
                 stats.alive_s = time.perf_counter() - started
@@ -167,16 +166,12 @@ def _work(
                 pickled = message.dumps(item, tree, held, stats if profiling else None)
             except Exception as error:
                 _discard(held)
-                with guard:
-                    channel.send_bytes(
-                        message.dumps(item, _failure(worker, maker, error), [], None))
+                send(message.dumps(item, _failure(worker, maker, error), [], None))
                 return
-            with guard:
-                channel.send_bytes(pickled)
-                held.clear()
+            send(pickled)
             del tree, pickled
             item += num_workers
-    except (_Stop, BrokenPipeError):
+    except (_Stop, ConsumerGone, BrokenPipeError):
         pass
     finally:
         _discard(held)
