@@ -127,7 +127,7 @@ class QueueChannel:
 
     def drain(self) -> List[bytes]:
         """Every message there now."""
-        messages = []
+        messages: List[bytes] = []
         while True:
             data = self.take()
             if data is None:
@@ -206,7 +206,7 @@ class PipeChannel:
         return None, ready  # type: ignore[return-value]
 
     def drain(self) -> List[bytes]:
-        messages = []
+        messages: List[bytes] = []
         if self.receiving.closed:
             return messages
         try:
