@@ -18,7 +18,7 @@ a consumer waiting for a message takes it in slices of `_WAIT_SLICE_S` and
 looks at the sentinels in between (without waiting): a worker's death shows
 within a slice, and Ctrl-C interrupts the wait within the ring's own slice.
 
-The old channel (`_PipeChannel`: a pipe and a semaphore per worker) stays
+The old channel (`PipeChannel`: a pipe and a semaphore per worker) stays
 for comparison only: GRAIN_SHM_PREFETCH_CHANNEL=pipe in the consumer's
 environment selects it (the bench's "-pipe" variants); it is not API.
 """
@@ -30,7 +30,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Callable, ContextManager, List, Optional, Tuple, Union
 
-from grain_shm.queue import Empty, Full, Queue
+from grain_shm.queue import Empty, Queue
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
