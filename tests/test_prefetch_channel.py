@@ -18,7 +18,9 @@ def own_rings():
     return {name for name in own_entries() if is_queue(name)}
 
 
-def test_each_worker_hands_its_items_over_through_a_queue_of_its_buffer_gone_after_close():
+def test_each_worker_hands_its_items_over_through_a_queue_of_its_buffer_gone_after_close(
+        monkeypatch):
+    monkeypatch.delenv("GRAIN_SHM_PREFETCH_CHANNEL", raising=False)  # a run of the suite on pipes
     before = own_rings()
     with prefetch(list(range(20)), record, options=MultiprocessingOptions(2, 3),
                   mp_context="fork") as stream:
@@ -87,7 +89,7 @@ def test_a_worker_killed_in_the_middle_of_a_put_is_an_error_naming_it():
             print("rings left:", len(rings))
         """,
         # A session of its own: the killed worker's pool arena is its reaper's.
-        env={"GRAIN_SHM_SESSION": ""},
+        env={"GRAIN_SHM_SESSION": "", "GRAIN_SHM_PREFETCH_CHANNEL": "queue"},
         timeout=60,
     )
     first, _, rest = proc.stdout.partition("\n")
