@@ -31,10 +31,10 @@ if TYPE_CHECKING:
     from types import FrameType
 
     from grain_shm._prefetch.channel import Sender
-
     from grain_shm._prefetch.maker import Transform
     from grain_shm._prefetch.plan import _Plan
     from grain_shm.prefetch import RandomAccessSource
+
 
 class _Stop(BaseException):
     """The consumer asked this worker to stop (SIGTERM)."""
@@ -147,6 +147,7 @@ def _work(
     def send(data: bytes) -> None:
         """Send `data`; what `held` had is the consumer's once it is sent."""
         channel.send(data, guard, held.clear)
+
     try:
         try:
             _match_pool(pool)
