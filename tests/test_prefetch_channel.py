@@ -96,3 +96,29 @@ def test_a_worker_killed_in_the_middle_of_a_put_is_an_error_naming_it():
     assert first.startswith("[0, 1, 2] prefetch worker 0 (pid "), proc.stdout + proc.stderr
     assert "was killed by signal SIGKILL; the consumer was waiting for item 3" in first
     assert rest.strip() == "rings left: 0"
+
+
+def test_waiting_for_room_claims_nothing_and_sees_a_get_free_a_cell():
+    """The worker's wait for room (before it makes an item) is true exactly
+    when its next put would not wait, and takes no cell: the queue's items
+    and order are as if it had not been called."""
+    import threading
+
+    from grain_shm import Queue
+
+    queue = Queue(2)
+    try:
+        assert queue._wait_room(0.0)
+        queue.put("a")
+        assert queue._wait_room(0.0) and queue.qsize() == 1
+        queue.put("b")
+        assert not queue._wait_room(0.0)
+        assert not queue._wait_room(0.01)
+        taker = threading.Timer(0.05, queue.get)  # frees a cell while the wait sleeps
+        taker.start()
+        assert queue._wait_room(30.0)
+        taker.join()
+        queue.put("c", block=False)
+        assert [queue.get(block=False), queue.get(block=False)] == ["b", "c"]
+    finally:
+        queue.close()
