@@ -31,7 +31,8 @@ TRANSFER_ONLY = {"grain_shm-queue", "faster-fifo", "iceoryx2"}
 QUEUES = ["multiprocessing.Queue", "faster-fifo", "iceoryx2", "grain_shm.Queue"]
 POOLED = {"grain_shm-recycle", "grain_shm-recycle-async", "grain_shm-queue"}
 # The pipeline runs grain_shm's prefetcher (and with the pool) and Pool.imap (pickle).
-PIPELINE = ["grain_shm", "grain_shm-recycle", "pickle"]
+# grain_shm-recycle-pipe, the prefetcher on its old channel, runs beside grain_shm-recycle.
+PIPELINE = ["grain_shm", "grain_shm-recycle", "grain_shm-recycle-pipe", "pickle"]
 SUMMARY_KEYS = {"n", "median", "p10", "p90", "min", "max", "mean"}
 
 
@@ -115,6 +116,7 @@ def test_figures_are_where_the_json_promises(quick_run):
             assert result["timed_items"] >= 3
             assert result["elements_per_s"].keys() == result["gbps"].keys() == SUMMARY_KEYS
             assert result["startup_s"] > 0 and 0 <= result["consumer_waiting"] <= 1
+            assert result["consumer_cpu_us_per_item"] > 0
         elif cell["section"] == "ceilings" and cell["transport"] == "cross-process":
             assert min(result["ring_sizes"]) >= 2
             (row,) = result["sizes"]
@@ -168,8 +170,22 @@ def test_no_leak_and_tables_printed(quick_run):
     if "pipeline" in doc["config"]["left_out_sizes"]:  # a container's 64 MiB /dev/shm
         assert "[cell 29/29]" in proc.stderr and "Left out for want of room" in proc.stdout
     else:
-        assert "[cell 32/32]" in proc.stderr
+        assert "[cell 33/33]" in proc.stderr
         assert "| element | variant | elements/s |" in proc.stdout
+
+
+def test_the_prefetcher_runs_beside_its_old_channel_with_the_consumers_cpu(quick_run):
+    """The pipeline shows the prefetcher on its Queue (grain_shm-recycle)
+    beside its old pipe channel, each with the consumer's CPU per item."""
+    doc, proc = quick_run
+    if "pipeline" in doc["config"]["left_out_sizes"]:
+        pytest.skip("this /dev/shm has no room for the pipeline's batches")
+    cells = {c["transport"]: c for c in doc["cells"] if c["section"] == "pipeline"}
+    for variant in ("grain_shm-recycle", "grain_shm-recycle-pipe"):
+        assert cells[variant]["status"] == "ok", cells[variant]
+        assert cells[variant]["result"]["consumer_cpu_us_per_item"] > 0
+    assert "| consumer µs |" in proc.stdout
+    assert "| 64 KiB ×256 | grain_shm-recycle-pipe |" in proc.stdout
 
 
 def test_summary_is_last_and_in_the_json(quick_run):
