@@ -89,6 +89,23 @@ class _Profile:
         )
 
 
+def _sweep_killed(procs: List[BaseProcess]) -> None:
+    """The pool arenas of workers killed by a signal (here after the grace,
+    or by the kernel's OOM killer): a killed process's exit hook never ran,
+    so its arenas, up to its pool's bound, would stay until the session
+    ends. The arrays this process took from them stay mapped. What a killed
+    worker held outside the pool (fresh segments) still waits for the
+    session's end: nothing names their owner."""
+    killed = [proc.pid for proc in procs
+              if proc.pid is not None and proc.exitcode is not None and proc.exitcode < 0]
+    if not killed:
+        return
+    from grain_shm import admin, session  # only when a worker was killed
+
+    for pid in killed:
+        for name in admin.unlink_arenas_of(pid, session.SESSION):
+            logger.debug("prefetch: unlinked arena %s of killed worker %d", name, pid)
+
 class _Workers:
     """One run of worker processes: their channels, and how to stop them.
 
@@ -238,11 +255,12 @@ class _Workers:
                 [proc.sentinel for proc in live], timeout=min(remaining, 0.01)
             )
         for proc in live:
-            proc.kill()  # what it held stays until the session ends (the reaper)
+            proc.kill()  # its exit hook never runs: its arenas are swept below
         for proc in self.procs:
             if proc.pid is not None:
                 proc.join()
         self._drain()
+        _sweep_killed(self.procs)
         for channel in self.channels:
             channel.close()
         for proc in self.procs:
