@@ -36,7 +36,7 @@ def arenas_of(pid):
 
 def test_a_killed_workers_arenas_go_and_its_arrays_stay_readable():
     stream = prefetch(range(4), stubborn, options=MultiprocessingOptions(1, 1),
-                      mp_context="fork")
+                      mp_context="fork", recycle=True)  # whatever earlier tests left
     first = next(stream)
     (worker,) = stream._workers.procs
     pid = worker.pid
