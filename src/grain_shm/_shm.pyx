@@ -1,4 +1,4 @@
-# cython: language_level=3
+# cython: language_level=3, freethreading_compatible=True
 """The core: POSIX shared-memory segments, straight on the system calls.
 
 A `Segment` is one mapping of one named segment, or one reference to a block
