@@ -345,7 +345,8 @@ cdef int _create(char *path, size_t length, void **addr, int *stage) noexcept no
 
 cdef int _create_named(char *path, const char *prefix, size_t prefix_len,
                        size_t length, void **addr, int *stage) noexcept:
-    """_create under a fresh name, retried while the name is taken. GIL held."""
+    """_create under a fresh name, retried while the name is taken. Called
+    attached to the interpreter; the system calls run detached (nogil)."""
     cdef int rc = EEXIST, attempt
     for attempt in range(CREATE_ATTEMPTS):
         rc = _new_path(path, prefix, prefix_len)
