@@ -19,10 +19,9 @@ from conftest import run_python
 
 SECTIONS = ["ceilings", "transfer", "cfd", "release", "grain-pipeline", "pipeline"]
 HAVE_GRAIN = importlib.util.find_spec("grain") is not None
-# The peers of the `compare` extra; grain_shm.Queue until it lands (issue 17).
+# The peers of the `compare` extra.
 PEERS = {"faster-fifo": "faster_fifo", "iceoryx2": "iceoryx2"}
 HAVE = {name: importlib.util.find_spec(module) is not None for name, module in PEERS.items()}
-HAVE_QUEUE = hasattr(grain_shm, "Queue")
 # The handoff ring relies on x86's store order; elsewhere its cell is skipped.
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 TRANSPORTS = ["pickle", "stdlib", "grain_shm", "grain_shm-async", "grain_shm-recycle",
@@ -32,7 +31,8 @@ TRANSFER_ONLY = {"grain_shm-queue", "faster-fifo", "iceoryx2"}
 QUEUES = ["multiprocessing.Queue", "faster-fifo", "iceoryx2", "grain_shm.Queue"]
 POOLED = {"grain_shm-recycle", "grain_shm-recycle-async", "grain_shm-queue"}
 # The pipeline runs grain_shm's prefetcher (and with the pool) and Pool.imap (pickle).
-PIPELINE = ["grain_shm", "grain_shm-recycle", "pickle"]
+# grain_shm-recycle-pipe, the prefetcher on its old channel, runs beside grain_shm-recycle.
+PIPELINE = ["grain_shm", "grain_shm-recycle", "grain_shm-recycle-pipe", "pickle"]
 SUMMARY_KEYS = {"n", "median", "p10", "p90", "min", "max", "mean"}
 
 
@@ -89,9 +89,6 @@ def test_every_cell_ran_or_says_why_not(quick_run):
             assert cell["status"] == "skipped" and "grain is not installed" in cell["reason"]
         elif key == ("ceilings", "cross-process") and not X86:
             assert cell["status"] == "skipped" and "TSO" in cell["reason"]
-        elif key[1] in ("grain_shm-queue", "queue:grain_shm.Queue") and not HAVE_QUEUE:
-            assert cell["status"] == "skipped", cell
-            assert cell["reason"] == "grain_shm.Queue is unavailable: this grain_shm has no Queue yet"
         elif str(key[1]).removeprefix("queue:") in PEERS and not HAVE[key[1].removeprefix("queue:")]:
             assert cell["status"] == "skipped" and "pip install 'grain_shm[compare]'" in cell["reason"]
         else:
@@ -119,6 +116,7 @@ def test_figures_are_where_the_json_promises(quick_run):
             assert result["timed_items"] >= 3
             assert result["elements_per_s"].keys() == result["gbps"].keys() == SUMMARY_KEYS
             assert result["startup_s"] > 0 and 0 <= result["consumer_waiting"] <= 1
+            assert result["consumer_cpu_us_per_item"] > 0
         elif cell["section"] == "ceilings" and cell["transport"] == "cross-process":
             assert min(result["ring_sizes"]) >= 2
             (row,) = result["sizes"]
@@ -172,8 +170,22 @@ def test_no_leak_and_tables_printed(quick_run):
     if "pipeline" in doc["config"]["left_out_sizes"]:  # a container's 64 MiB /dev/shm
         assert "[cell 29/29]" in proc.stderr and "Left out for want of room" in proc.stdout
     else:
-        assert "[cell 32/32]" in proc.stderr
+        assert "[cell 33/33]" in proc.stderr
         assert "| element | variant | elements/s |" in proc.stdout
+
+
+def test_the_prefetcher_runs_beside_its_old_channel_with_the_consumers_cpu(quick_run):
+    """The pipeline shows the prefetcher on its Queue (grain_shm-recycle)
+    beside its old pipe channel, each with the consumer's CPU per item."""
+    doc, proc = quick_run
+    if "pipeline" in doc["config"]["left_out_sizes"]:
+        pytest.skip("this /dev/shm has no room for the pipeline's batches")
+    cells = {c["transport"]: c for c in doc["cells"] if c["section"] == "pipeline"}
+    for variant in ("grain_shm-recycle", "grain_shm-recycle-pipe"):
+        assert cells[variant]["status"] == "ok", cells[variant]
+        assert cells[variant]["result"]["consumer_cpu_us_per_item"] > 0
+    assert "| consumer µs |" in proc.stdout
+    assert "| 64 KiB ×256 | grain_shm-recycle-pipe |" in proc.stdout
 
 
 def test_summary_is_last_and_in_the_json(quick_run):
@@ -235,37 +247,25 @@ def test_a_missing_peer_or_queue_is_left_out_with_a_note(monkeypatch):
     want = "faster_fifo is not installed (pip install 'grain_shm[compare]')"
     assert transports.missing("faster-fifo") == transports.missing("queue:faster-fifo") == want
     assert transports.missing("pickle") is transports.missing("queue:multiprocessing.Queue") is None
-    monkeypatch.delattr(grain_shm, "Queue", raising=False)
-    queue = "grain_shm.Queue is unavailable: this grain_shm has no Queue yet"
-    assert transports.missing("grain_shm-queue") == transports.missing("queue:grain_shm.Queue") == queue
+    assert transports.missing("grain_shm-queue") is transports.missing("queue:grain_shm.Queue") is None
     cells = [{"section": section, "transport": transport, "sizes": sizes, "status": "skipped",
               "reason": transports.missing(transport)}
              for section, transport, sizes in [("transfer", "faster-fifo", [4096]),
                                                ("transfer", "faster-fifo", [65536]),
-                                               ("ceilings", "queue:faster-fifo", []),
-                                               ("transfer", "grain_shm-queue", [4096])]]
+                                               ("ceilings", "queue:faster-fifo", [])]]
     doc = {"cells": cells, "config": {"left_out": None, "sections": []},
            "leak_check": {"ok": True, "dir": "/dev/shm", "leaked": []}}
     assert report._notes(doc) == [f"faster-fifo, queue:faster-fifo skipped: {want}",
-                                  f"grain_shm-queue skipped: {queue}",
                                   "Leak check: /dev/shm holds nothing new."]
 
 
-def test_grain_shm_queue_runs_unchanged_once_the_queue_exists():
-    """grain_shm-queue is coded against grain_shm.Queue(maxsize)'s interface
-    (multiprocessing.Queue's): with a stand-in behind that constructor, its
-    transfer and its queue's ceiling run, every byte checked, the pool on."""
+def test_grain_shm_queue_moves_arrays_and_has_its_ceiling():
+    """grain_shm-queue: the pool's arrays through grain_shm.Queue, every byte
+    checked; and that queue's own rate and latency."""
     run_python("""
-        import multiprocessing
-
-        import grain_shm
         from grain_shm.bench import SECTIONS, runner, transports
 
-        def stand_in(maxsize=0):
-            return multiprocessing.get_context("spawn").Queue(maxsize)
-
         if __name__ == "__main__":
-            grain_shm.Queue = stand_in
             assert transports.missing("grain_shm-queue") is None
             transfer = runner.run_cell(runner.Cell("transfer", "grain_shm-queue", (65536,),
                                                    0.05, 3, 4), SECTIONS["transfer"])

@@ -112,9 +112,8 @@ EXPECTED_ANCHOR = bytes(range(256)) * 3 + bytes(range(232))
 def forker():
     # Forks while the workers run; each child checks the anchor, makes an
     # array of its own, and leaves through os._exit, which skips every exit
-    # hook: so it runs grain_shm's exit hook (its own names, its arenas),
-    # then drops the pool block references it inherited at fork, as a
-    # multiprocessing child leaving through os._exit does. The child reads
+    # hook: so it runs the one grain_shm's exit hook would (its own names,
+    # then the pool block references it inherited at fork). The child reads
     # and writes arrays through the buffer protocol, not numpy's ufuncs:
     # numpy's free-threaded build guards its ufunc dispatch with a rwlock
     # that another thread may hold at the fork, and the child would wait on
@@ -133,8 +132,7 @@ def forker():
                     if bytes(memoryview(anchor)) == EXPECTED_ANCHOR and bytes(memoryview(back)) == b"\7" * 4096:
                         status = 0
                     del mine, back
-                    session._unlink_owned_at_exit()
-                    _shm.drop_references()
+                    session._unlink_owned_at_exit(leaving_through_os_exit=True)
                 finally:
                     os._exit(status)
             _, status = os.waitpid(pid, 0)

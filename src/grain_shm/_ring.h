@@ -485,6 +485,30 @@ static inline int gs_ring_wait_claim(const gs_ringview *v, int for_get, uint32_t
     return rc;
 }
 
+/* Whether the cell at the tail is free for this turn, so that a put would
+ * claim it without waiting: for a queue's only producer (the prefetcher's
+ * worker), who waits for room before making an item and then puts it.  A
+ * hint, as depth is, when there are several producers. */
+static inline int gs_ring_has_room(const gs_ringview *v) {
+    uint64_t p = __atomic_load_n(&v->ring->tail, __ATOMIC_RELAXED);
+    gs_cell *c = gs_cell_at(v, p);
+    return gs_compare(gs_progress(gs_load_state(c)), gs_turn(v, p) * 4 + GS_EMPTY) >= 0;
+}
+
+/* Sleep until the ring may have room (a get freed a cell) or `until_ns`
+ * (monotonic); the caller looks again.  Without the GIL; the same count-in,
+ * look, sleep as gs_ring_wait_claim, so no free is missed. */
+static inline void gs_ring_wait_room(const gs_ringview *v, int64_t until_ns) {
+    uint32_t *word = gs_ring_word(v, 0), *waiting = gs_ring_waiting(v, 0);
+    uint32_t ticket = gs_ring_count_in(word, waiting);
+    int64_t now;
+    if (!gs_ring_has_room(v)) {
+        now = gs_monotonic_ns();
+        if (now < until_ns) gs_ring_sleep(word, ticket, until_ns - now);
+    }
+    gs_ring_count_out(waiting);
+}
+
 /* Handles: +1 per Queue object or pickled reference; the last -1 unlinks.
  * Returns the count after the change; a count already at 0 (an unpickled
  * reference used twice) stays 0 and says so with -1. */

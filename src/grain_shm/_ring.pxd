@@ -51,6 +51,8 @@ cdef extern from "_ring.h" nogil:
     gs_cell *gs_ring_head_cell(const gs_ringview *v)
     gs_cell *gs_ring_tail_cell(const gs_ringview *v)
     uint64_t gs_ring_depth(const gs_ringview *v)
+    bint gs_ring_has_room(const gs_ringview *v)
+    void gs_ring_wait_room(const gs_ringview *v, int64_t until_ns)
     void gs_cpu_relax()
     uint32_t *gs_ring_word(const gs_ringview *v, bint for_get)
     uint32_t *gs_ring_waiting(const gs_ringview *v, bint for_get)

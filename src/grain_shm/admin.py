@@ -124,6 +124,27 @@ def read_arena(path: str) -> ArenaRecord | None:
     }
 
 
+def unlink_arenas_of(pid: int, session: str, shm_dir: str = names.SHM_DIR) -> list[str]:
+    """Unlink the pool arenas of `session` that process `pid` owned, once it
+    was killed: SIGKILL skips the exit hook that would leave each arena to
+    whoever frees its last block, so they would stay until the session ends
+    (a killed prefetch worker's: up to its pool's bound). Processes that map
+    one keep their arrays; no block in it opens again. The names unlinked."""
+    prefix = names.segment_prefix(session) + names.ARENA_MARK
+    gone = []
+    for name in os.listdir(shm_dir):
+        if not name.startswith(prefix) or not names.is_arena(name):
+            continue
+        arena = read_arena(os.path.join(shm_dir, name))
+        if arena is not None and arena["owner_pid"] == pid and not arena["owner_gone"]:
+            try:
+                os.unlink(os.path.join(shm_dir, name))
+            except FileNotFoundError:
+                continue
+            gone.append(name)
+    return gone
+
+
 # A queue's ring, as _ring.h lays it out (gs_ring): magic, version,
 # capacity, cell_stride, cell_bytes, data_start, segment_bytes, max_bytes,
 # creator_pid, pidns, handles; tail and head at GS_RING_PAD (128) and twice

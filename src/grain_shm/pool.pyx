@@ -431,20 +431,22 @@ def _leaves_through_os_exit():
     return False
 
 
-def pool_at_exit():
+def pool_at_exit(bint leaving_through_os_exit=False):
     """Exit, after unlink_owned (so owned blocks are unlinked first): the pool
     off, and the own arenas left to whoever frees their last block (the ones
     all free go now). The block references this process holds are dropped at
     the interpreter's end (above), or here in a process for which that never
-    comes (os._exit): then nothing of Python runs after but threading's shutdown."""
+    comes (os._exit: a multiprocessing child started by fork or forkserver,
+    found on the stack, or a caller that says so): then nothing of Python
+    runs after but threading's shutdown."""
     gs_core_acquire()
     try:
-        _pool_at_exit_locked()
+        _pool_at_exit_locked(leaving_through_os_exit)
     finally:
         gs_core_release()
 
 
-cdef _pool_at_exit_locked():
+cdef _pool_at_exit_locked(bint leaving_through_os_exit):
     global _pool_limit, _pool_bytes
     cdef Arena arena
     _pool_limit = 0
@@ -456,24 +458,7 @@ cdef _pool_at_exit_locked():
                 shm_unlink(arena.path)
         classes[klass] = []
     _pool_bytes = 0
-    if not _dropped_at_finalization or _leaves_through_os_exit():
-        _drop_references_locked()
-
-
-def drop_references():
-    """Drop every block reference this process holds, now: for a process
-    that leaves through os._exit, after its exit hook (pool_at_exit does it
-    itself for multiprocessing's fork and forkserver children). Arrays of
-    this process must not be touched after it."""
-    gs_core_acquire()
-    try:
-        _drop_references_locked()
-    finally:
-        gs_core_release()
-
-
-cdef _drop_references_locked():
-    cdef Arena arena
-    gs_helds_drop()
-    for arena in _arenas.values():
-        arena.live = 0
+    if not _dropped_at_finalization or leaving_through_os_exit or _leaves_through_os_exit():
+        gs_helds_drop()
+        for arena in _arenas.values():
+            arena.live = 0

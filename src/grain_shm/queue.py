@@ -178,6 +178,26 @@ class Queue:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
 
+    def _wait_room(self, timeout: float) -> bool:
+        """Whether a put would find room within `timeout` seconds, claiming
+        nothing: for a queue's only producer (the prefetcher's worker, which
+        waits so before making an item)."""
+        self._check_open()
+        return bool(self._ring.wait_room(timeout))
+
+    def _destroy(self) -> None:
+        """Close, then empty the ring and unlink its name now, whatever the
+        counts: for an owner that knows no other handle will be used again
+        (the prefetcher, once its workers are joined: a killed one's count
+        would otherwise keep the ring until the session ends)."""
+        self._closed = True
+        self._release()
+        self._ring.drain()
+        try:
+            self._ring.unlink()
+        except FileNotFoundError:
+            pass  # the last count's release, `gc` or the reaper was first
+
     def _release(self) -> None:
         """Drop this handle's count; the last one empties the ring (large
         items' blocks are unlinked) and unlinks its name."""

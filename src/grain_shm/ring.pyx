@@ -17,10 +17,11 @@ from grain_shm._ring cimport (GS_KIND_ARRAY, GS_KIND_LARGE,
                               GS_KIND_PICKLE, GS_READING, GS_RING_OK, GS_WRITING,
                               gs_cell, gs_cell_stride, gs_claimer, gs_monotonic_ns,
                               gs_pid_dead, gs_progress, gs_ring, gs_ring_bytes,
-                              gs_ring_depth, gs_ring_free, gs_ring_handles_add,
+                              gs_ring_depth, gs_ring_free, gs_ring_has_room, gs_ring_handles_add,
                               gs_ring_init, gs_ring_init_pid, gs_ring_large_bytes,
                               gs_ring_pid, gs_ring_publish, gs_ring_reclaim,
-                              gs_ring_try, gs_ring_view, gs_ring_wait_claim, gs_ringview)
+                              gs_ring_try, gs_ring_view, gs_ring_wait_claim,
+                              gs_ring_wait_room, gs_ringview)
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t
 
@@ -225,6 +226,30 @@ cdef class Ring:
     def depth(self):
         """Items in the ring now (approximate while others work)."""
         return gs_ring_depth(&self.view)
+
+    def wait_room(self, double timeout):
+        """True once a put would find its cell free, False if `timeout`
+        seconds (0: do not wait; < 0: for ever) pass first; claims nothing.
+        For a queue's only producer, which then knows its next put will not
+        wait (the prefetcher's worker waits so before making an item, as it
+        waited for a credit). Ctrl-C and other signals' handlers run between
+        slices of the wait."""
+        if gs_ring_has_room(&self.view):
+            return True
+        if timeout == 0:
+            return False
+        cdef int64_t now = gs_monotonic_ns(), until
+        cdef int64_t deadline = -1 if timeout < 0 else now + <int64_t>(min(timeout, 1e9) * 1e9)
+        while True:
+            until = now + SLICE_NS if deadline < 0 else min(now + SLICE_NS, deadline)
+            with nogil:
+                gs_ring_wait_room(&self.view, until)
+            if gs_ring_has_room(&self.view):
+                return True
+            now = gs_monotonic_ns()
+            if deadline >= 0 and now >= deadline:
+                return False
+            PyErr_CheckSignals()
 
     def large_bytes(self):
         """Bytes of large items waiting (what max_bytes bounds)."""

@@ -249,12 +249,15 @@ def _reap(pid: int) -> None:
         pass  # the program's own `os.wait()` was first
 
 
-def _unlink_owned_at_exit() -> None:
+def _unlink_owned_at_exit(leaving_through_os_exit: bool = False) -> None:
+    """grain_shm's exit hook. A forked child about to leave through os._exit
+    (which skips the interpreter's end, where block references go) may call
+    it itself, saying so."""
     if _launched.acquire(timeout=5):  # a reaper for what this process leaves to others
         _launched.release()
     _shm.stop_async_release()  # pending releases first: their names are no longer owned
     _shm.unlink_owned()
-    _shm.pool_at_exit()  # then this process's block references, and its arenas
+    _shm.pool_at_exit(leaving_through_os_exit)  # then its block references, and its arenas
 
 
 def _register_exit_cleanup(*_: object) -> None:

@@ -2,14 +2,10 @@
 the worker that made it, waiting (a worker's death shows at once on its
 sentinel), stopping and draining.
 
-The channel is a pipe per worker, one pickled message per item (references
-and any non-array leaves), and a semaphore per worker holding its
-`per_worker_buffer_size` credits. Measured on the 2-core machine, a message
-costs 10-15 µs end to end, like a multiprocessing.Queue, which is noise at
-one message per batch or per multi-MiB element; but a pipe has no feeder
-thread, so a message is in the kernel once send() returns, and stopping can
-drain and unlink every reference in flight. What a message is, and how the
-consumer owns its arrays as they open, is message.py's.
+The channel is a grain_shm.Queue per worker bounded to
+`per_worker_buffer_size` messages, one message per item (channel.py). What
+a message is, and how the consumer owns its arrays as they open, is
+message.py's.
 """
 
 from __future__ import annotations
@@ -24,15 +20,14 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 
+from grain_shm._prefetch import channel as _channel
 from grain_shm._prefetch import failure, message
 from grain_shm._prefetch.maker import _Stats
 from grain_shm._prefetch.worker import _work, pool_for_workers
 
 if TYPE_CHECKING:
-    from multiprocessing.connection import Connection
     from multiprocessing.context import BaseContext
     from multiprocessing.process import BaseProcess
-    from multiprocessing.synchronize import Semaphore
 
     from grain_shm._prefetch.maker import Transform
     from grain_shm._prefetch.plan import _Plan
@@ -94,8 +89,25 @@ class _Profile:
         )
 
 
+def _sweep_killed(procs: List[BaseProcess]) -> None:
+    """The pool arenas of workers killed by a signal (here after the grace,
+    or by the kernel's OOM killer): a killed process's exit hook never ran,
+    so its arenas, up to its pool's bound, would stay until the session
+    ends. The arrays this process took from them stay mapped. What a killed
+    worker held outside the pool (fresh segments) still waits for the
+    session's end: nothing names their owner."""
+    killed = [proc.pid for proc in procs
+              if proc.pid is not None and proc.exitcode is not None and proc.exitcode < 0]
+    if not killed:
+        return
+    from grain_shm import admin, session  # only when a worker was killed
+
+    for pid in killed:
+        for name in admin.unlink_arenas_of(pid, session.SESSION):
+            logger.debug("prefetch: unlinked arena %s of killed worker %d", name, pid)
+
 class _Workers:
-    """One run of worker processes: their channels, credits, and how to stop them.
+    """One run of worker processes: their channels, and how to stop them.
 
     They are the starting process's only: in a child forked from it (by
     os.fork, a multiprocessing fork, subprocess's preexec_fn) the workers are
@@ -118,28 +130,26 @@ class _Workers:
         self.pid = os.getpid()  # the process that started the workers, and may stop them
         self.forgotten = False  # in a forked child: the workers are the parent's
         self.procs: List[BaseProcess] = []
-        self.channels: List[Connection] = []
-        self.credits: List[Semaphore] = []
+        self.channels: List[_channel.Channel] = []
         self.exited: set[int] = set()  # workers that ended well (exit code 0)
         self.profile = _Profile(num_workers) if profiling else None
         _running.add(self)
         pool = pool_for_workers(recycle)
+        pipe = _channel.use_pipe()
         try:
             for worker in range(num_workers):
-                receive, send = ctx.Pipe(duplex=False)
-                credits = ctx.Semaphore(buffer_size)
+                channel = _channel.make_channel(ctx, buffer_size, pipe)
+                self.channels.append(channel)
                 proc = ctx.Process(  # type: ignore[attr-defined]
                     target=_work,
-                    args=(worker, num_workers, first_item + worker, plan, payload, send,
-                          credits, buffer_size, profiling, pool),
+                    args=(worker, num_workers, first_item + worker, plan, payload,
+                          channel.sender(), buffer_size, profiling, pool),
                     name=f"grain_shm-prefetch-{worker}",
                     daemon=True,
                 )
                 self.procs.append(proc)
-                self.channels.append(receive)
-                self.credits.append(credits)
                 proc.start()
-                send.close()  # the worker's end: only the worker holds it now
+                channel.started()
         except BaseException:
             self.stop()
             raise
@@ -147,17 +157,15 @@ class _Workers:
     def receive(self, item: int) -> Any:
         """Item `item`, owned by this process; raises what its worker raised."""
         worker = (item - self.first_item) % len(self.procs)
-        channel = self.channels[worker]
-        if not channel.poll():
-            waiting = time.perf_counter()
-            self._wait_for(worker, item)
-            if self.profile is not None:
-                self.profile.waited_s += time.perf_counter() - waiting
         try:
-            data = channel.recv_bytes()
-        except EOFError:
+            data = self.channels[worker].take()
+            if data is None:
+                waiting = time.perf_counter()
+                data = self._wait_for(worker, item)
+                if self.profile is not None:
+                    self.profile.waited_s += time.perf_counter() - waiting
+        except EOFError:  # the old pipe channel: the worker's end closed, nothing sent
             raise self._death(worker, item) from None
-        self.credits[worker].release()
         try:
             got, tree, stats = message.loads(data)  # its arrays are ours as they open
         except BaseException as error:  # a leaf that cannot be rebuilt here, Ctrl-C
@@ -175,22 +183,28 @@ class _Workers:
             self.profile.update(worker, stats)
         return tree
 
-    def _wait_for(self, worker: int, item: int) -> None:
-        """Until `worker`'s channel is readable; a worker that died is an error now."""
+    def _wait_for(self, worker: int, item: int) -> bytes:
+        """`worker`'s next message; a worker that died is an error now (on
+        the Queue: within a wait slice)."""
         channel = self.channels[worker]
         while True:
             watched = {
                 proc.sentinel: w for w, proc in enumerate(self.procs) if w not in self.exited
             }
-            ready = multiprocessing.connection.wait([channel, *watched])
-            if channel in ready:
-                return
+            data, ready = channel.wait(list(watched))
+            if data is not None:
+                return data
             for sentinel in ready:
-                w = watched[sentinel]  # type: ignore[index]
+                w = watched[sentinel]
                 self.procs[w].join(timeout=1.0)  # its sentinel closes just before it is reaped
-                if self.procs[w].exitcode != 0 or (w == worker and not channel.poll()):
+                if self.procs[w].exitcode != 0:
                     raise self._death(w, item)
                 self.exited.add(w)
+                if w == worker:  # it ended well: what it sent is all there
+                    data = channel.take()
+                    if data is None:
+                        raise self._death(w, item)
+                    return data
 
     def _death(self, worker: int, item: int) -> RuntimeError:
         proc = self.procs[worker]
@@ -215,7 +229,7 @@ class _Workers:
         children = getattr(multiprocessing.process, "_children", None)
         if isinstance(children, set):
             children.difference_update(self.procs)
-        self.procs, self.channels, self.credits = [], [], []  # this copy's fds close with them
+        self.procs, self.channels = [], []  # this copy's fds and handles close with them
         self.profile = None
         self.forgotten = True
 
@@ -232,48 +246,42 @@ class _Workers:
         deadline = time.monotonic() + _STOP_GRACE_S
         live = [proc for proc in self.procs if proc.pid is not None]
         while True:
-            self._drain()  # a worker blocked on a full pipe gets to finish its send
+            self._drain()  # a worker blocked on a full buffer gets to finish its send
             live = [proc for proc in live if proc.exitcode is None]
             remaining = deadline - time.monotonic()
             if not live or remaining <= 0:
                 break
-            open_channels = [channel for channel in self.channels if not channel.closed]
-            multiprocessing.connection.wait(
-                [*open_channels, *(proc.sentinel for proc in live)], timeout=remaining
+            multiprocessing.connection.wait(  # a short wait: a ring has no fd to wait on
+                [proc.sentinel for proc in live], timeout=min(remaining, 0.01)
             )
         for proc in live:
-            proc.kill()  # what it held stays until the session ends (the reaper)
+            proc.kill()  # its exit hook never runs: its arenas are swept below
         for proc in self.procs:
             if proc.pid is not None:
                 proc.join()
         self._drain()
+        _sweep_killed(self.procs)
         for channel in self.channels:
             channel.close()
         for proc in self.procs:
             proc.close()
-        self.procs, self.channels, self.credits = [], [], []
+        self.procs, self.channels = [], []
         if self.profile is not None:
             self.profile.log(final=True)
             self.profile = None
 
     def _drain(self) -> None:
-        """Take and release every message waiting; close channels at their end."""
+        """Take and release every message waiting."""
         for worker, channel in enumerate(self.channels):
-            if channel.closed:
-                continue
-            try:
-                while channel.poll():
-                    data = channel.recv_bytes()  # a whole message, or EOFError
-                    try:
-                        message.loads(data)  # dropped at once: its arrays go
-                    except Exception:  # the arrays it had opened are gone already
-                        logger.warning(
-                            "prefetch: an item in flight from worker %d failed to unpickle "
-                            "while the workers stopped; it was discarded", worker,
-                            exc_info=True,
-                        )
-            except (EOFError, OSError):  # the worker's end is closed (a killed worker: torn)
-                channel.close()
+            for data in channel.drain():
+                try:
+                    message.loads(data)  # dropped at once: its arrays go
+                except Exception:  # the arrays it had opened are gone already
+                    logger.warning(
+                        "prefetch: an item in flight from worker %d failed to unpickle "
+                        "while the workers stopped; it was discarded", worker,
+                        exc_info=True,
+                    )
 
 
 _running: weakref.WeakSet[_Workers] = weakref.WeakSet()  # this process's runs of workers

@@ -1,5 +1,6 @@
 """The worker process: it makes items first_item, first_item + num_workers, ...
-and sends each as one message on its pipe, within its buffer's credits.
+and sends each as one message on its channel (channel.py), within its
+buffer's bound.
 
 Stopping sends SIGTERM: a worker raises `_Stop` at once, except while it
 creates an array and records it, or sends a message and forgets what it
@@ -21,19 +22,19 @@ import numpy as np
 
 from grain_shm import _shm
 from grain_shm._prefetch import failure, message
+from grain_shm._prefetch.channel import ConsumerGone
 from grain_shm._prefetch.maker import _Maker, _Stats
 from grain_shm.array import SharedMemoryArray, recycling_chosen
 
 if TYPE_CHECKING:
-    from multiprocessing.connection import Connection
-    from multiprocessing.synchronize import Semaphore
     from types import FrameType
+
+    from grain_shm._prefetch.channel import Sender
 
     from grain_shm._prefetch.maker import Transform
     from grain_shm._prefetch.plan import _Plan
     from grain_shm.prefetch import RandomAccessSource
 
-_PARENT_CHECK_S = 1.0  # how often a worker blocked on a full buffer checks its parent
 
 
 class _Stop(BaseException):
@@ -103,8 +104,7 @@ def _work(
     first_item: int,
     plan: _Plan,
     payload: Union[bytes, Tuple[RandomAccessSource, Optional[Transform]]],
-    channel: Connection,
-    credits: Semaphore,
+    channel: Sender,
     buffer_size: int,
     profiling: bool,
     pool: Optional[int],
@@ -123,11 +123,11 @@ def _work(
     try:
         try:
             signal.signal(signal.SIGTERM, guard.on_signal)
-            _serve(worker, num_workers, first_item, plan, payload, channel, credits,
-                   buffer_size, profiling, pool, guard, held)
+            _serve(worker, num_workers, first_item, plan, payload, channel, buffer_size,
+                   profiling, pool, guard, held)
         finally:
             guard.disarm()
-    except (_Stop, BrokenPipeError):
+    except (_Stop, ConsumerGone, BrokenPipeError):
         pass
     finally:
         _discard(held)
@@ -139,8 +139,7 @@ def _serve(
     item: int,
     plan: _Plan,
     payload: Union[bytes, Tuple[RandomAccessSource, Optional[Transform]]],
-    channel: Connection,
-    credits: Semaphore,
+    channel: Sender,
     buffer_size: int,
     profiling: bool,
     pool: Optional[int],
@@ -164,22 +163,24 @@ def _serve(
     stats = _Stats()
     maker: Optional[_Maker] = None
     parent = multiprocessing.parent_process()
+
+    def parent_alive() -> bool:
+        return parent is None or parent.is_alive()
+
+    def send(data: bytes) -> None:
+        """Send `data`; what `held` had is the consumer's once it is sent."""
+        channel.send(data, guard, held.clear)
+
     try:
         _set_pool(pool)
         source, transform = pickle.loads(payload) if isinstance(payload, bytes) else payload
         maker = _Maker(plan, source, transform, allocate, stats, timed=profiling)
     except Exception as error:
-        with guard:
-            channel.send_bytes(message.dumps(item, failure.capture(worker, error), [], None))
+        send(message.dumps(item, failure.capture(worker, error), [], None))
         return
     end = plan.num_items
     while end is None or item < end:
-        if not credits.acquire(block=False):
-            blocked = time.perf_counter()
-            while not credits.acquire(timeout=_PARENT_CHECK_S):
-                if parent is not None and not parent.is_alive():
-                    raise _Stop
-            stats.blocked_s += time.perf_counter() - blocked
+        stats.blocked_s += channel.wait_for_room(parent_alive)
         try:
             tree = maker.make(item)
             stats.alive_s = time.perf_counter() - started
@@ -190,13 +191,9 @@ def _serve(
             _discard(held)
             where = "" if full or maker.position < 0 else (
                 f"at element {maker.position} of the stream (source index {maker.index})")
-            with guard:
-                channel.send_bytes(
-                    message.dumps(item, failure.capture(worker, error, where), [], None))
+            send(message.dumps(item, failure.capture(worker, error, where), [], None))
             return
-        with guard:
-            channel.send_bytes(pickled)
-            held.clear()
+        send(pickled)
         del tree, pickled
         item += num_workers
 

@@ -209,7 +209,7 @@ def plan(
             cells += [Cell(section, v, (size,), budget, least)
                       for size in _fitting(section, args.sizes or pipeline.SIZES, room,
                                            left_out, fixed)
-                      for v in pipeline.VARIANTS if v in args.transports]
+                      for v in pipeline.VARIANTS if pipeline.chosen(v, args.transports)]
         else:  # cfd and release share the sizes: left out once, under the first
             sizes = _fitting(section, args.sizes or MICRO_SIZES, room,
                              {} if "cfd" in chosen and section == "release" else left_out,

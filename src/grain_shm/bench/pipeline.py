@@ -6,7 +6,10 @@ cell's process, reads every byte of each and checks it. Small elements
 travel in batches of BATCH elements, assembled in the workers. Compared:
 
 - grain_shm: `grain_shm.prefetch` (fresh segments), and grain_shm-recycle,
-  the same with the pool on;
+  the same with the pool on; grain_shm-recycle-pipe, the same on the
+  prefetcher's old channel (a pipe and a semaphore per worker in place of a
+  grain_shm.Queue: GRAIN_SHM_PREFETCH_CHANNEL=pipe), run beside
+  grain_shm-recycle whenever that is chosen;
 - grain: Grain's `MapDataset.map(...).batch(...).to_iter_dataset().mp_prefetch()`;
 - torch: PyTorch's `DataLoader` (spawn context; `batch_size=None` for large
   elements, the default collate for batches, which stacks them into shared
@@ -19,7 +22,11 @@ Every one holds at most IN_FLIGHT items per worker ahead of the consumer
 task feed is throttled to that).
 Items/s are taken from the consumer's arrival times in steady state, from
 the first item on (start-up, the time to the first item, is reported apart),
-and the consumer's share of time spent waiting inside `next()`.
+and the consumer's share of time spent waiting inside `next()`. The
+consumer's CPU per item is its process's CPU time (every thread) over the
+timed items, less the check's: what taking an item costs it (the channel,
+unpickling, opening and releasing the arrays), the bench's own clock reads
+(~1 µs) included.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import importlib
 import itertools
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
@@ -50,13 +58,21 @@ BATCH = 256  # elements per batch, for elements up to BATCHED_UP_TO bytes
 BATCHED_UP_TO = 64 * KiB
 WORKERS = 2
 IN_FLIGHT = 2  # items per worker ahead of the consumer
-VARIANTS = ("grain_shm", "grain_shm-recycle", "grain", "torch", "pickle")
+VARIANTS = ("grain_shm", "grain_shm-recycle", "grain_shm-recycle-pipe", "grain", "torch",
+            "pickle")
 # Variants of this section only, not transports of the others (the transfer,
 # cfd, release): `--transports` names them too.
-OWN_VARIANTS = ("torch",)
+OWN_VARIANTS = ("grain_shm-recycle-pipe", "torch")
+OLD_CHANNEL = "-pipe"  # a grain_shm variant on the prefetcher's old channel
 WARMUP = 2  # items before the clock starts (the first one included)
 SEGMENTS = 20
 ABORT_CHECK_EVERY = 16
+
+
+def chosen(variant: str, transports: List[str]) -> bool:
+    """Whether `variant` runs: chosen, or its base is (the old channel runs
+    beside the prefetcher on its Queue)."""
+    return variant in transports or variant.removesuffix(OLD_CHANNEL) in transports
 
 
 def batch_size(nbytes: int) -> Optional[int]:
@@ -118,8 +134,11 @@ class Checker:
 Stream = Tuple[Iterator[Any], Callable[[], None]]  # the items, and how to stop
 
 
-def _grain_shm(nbytes: int, recycle: bool) -> Stream:
+def _grain_shm(nbytes: int, recycle: bool, pipe: bool) -> Stream:
     import grain_shm
+
+    if pipe:  # read by the prefetcher as it starts its workers; the cell is a process of its own
+        os.environ["GRAIN_SHM_PREFETCH_CHANNEL"] = "pipe"
 
     # The workers pool unless told not to (recycle=False: "grain_shm"
     # measures fresh segments, even where GRAIN_SHM_RECYCLE says on).
@@ -252,10 +271,12 @@ def consume(cell: Cell, abort: Event) -> Result:
     elif variant == "pickle":
         items, stop = _pool_imap(nbytes)
     else:
-        items, stop = _grain_shm(nbytes, recycle=variant == "grain_shm-recycle")
+        items, stop = _grain_shm(nbytes, recycle=variant.startswith("grain_shm-recycle"),
+                                 pipe=variant.endswith(OLD_CHANNEL))
     arrived: List[float] = []
     waited = 0.0
     elements = 0
+    cpu_from = cpu_to = checking = 0.0  # process CPU: at the first timed item, at the last
     try:
         least = cell.min_count + WARMUP
         while True:
@@ -265,9 +286,15 @@ def consume(cell: Cell, abort: Event) -> Result:
             if arrived:
                 waited += now - asked
             arrived.append(now)
+            checked_from = time.process_time()
             elements += check(item)
+            cpu_to = time.process_time()
             del item
             count = len(arrived)
+            if count > WARMUP:
+                checking += cpu_to - checked_from
+            elif count == WARMUP:
+                cpu_from = cpu_to
             if count >= least and now - arrived[0] >= cell.budget:
                 break
             if count % ABORT_CHECK_EVERY == 0 and abort.is_set():
@@ -284,6 +311,7 @@ def consume(cell: Cell, abort: Event) -> Result:
         "rates": (rates * per_item).tolist(),
         "waited_s": waited,
         "steady_s": arrived[-1] - arrived[0],
+        "cpu_per_item_s": (cpu_to - cpu_from - checking) / max(len(arrived) - WARMUP, 1),
     }
 
 
@@ -305,6 +333,7 @@ def summarize(cell: Cell, outputs: Dict[str, Result]) -> Result:
         "gbps": stats.summary(rates * nbytes / 1e9),
         "startup_s": consumer["startup_s"],
         "consumer_waiting": consumer["waited_s"] / max(consumer["steady_s"], 1e-9),
+        "consumer_cpu_us_per_item": consumer["cpu_per_item_s"] * 1e6,
     }
 
 
@@ -315,7 +344,8 @@ TITLE = (
     f"elements up to {format_size(BATCHED_UP_TO)} in batches of {BATCH}, {IN_FLIGHT} items "
     "per worker in flight. Elements/s: median of timed segments in steady state; start-up "
     "= time to the first item; waiting = consumer's share of time inside next(); "
-    "torch = PyTorch's DataLoader; pickle = multiprocessing.Pool.imap"
+    "consumer µs = the consumer's CPU per item, less the check's; -pipe = the prefetcher's "
+    "old channel; torch = PyTorch's DataLoader; pickle = multiprocessing.Pool.imap"
 )
 
 
@@ -323,7 +353,7 @@ def table(doc: RunRecord) -> Tuple[List[str], List[List[str]]]:
     cells = {(c["transport"], c["sizes"][0]): c for c in doc["cells"]
              if c["section"] == "pipeline"}
     headers = ["element", "variant", "elements/s", "p10-p90", "GB/s", "start-up s", "waiting",
-               "× grain", "× DataLoader", "× Pool.imap"]
+               "consumer µs", "× grain", "× DataLoader", "× Pool.imap"]
     rows = []
     for size in doc["config"].get("pipeline_sizes", []):
         label = format_size(size) + (f" ×{batch_size(size)}" if batch_size(size) else "")
@@ -353,6 +383,7 @@ def table(doc: RunRecord) -> Tuple[List[str], List[List[str]]]:
                 f"{result['gbps']['median']:.2f}",
                 f"{result['startup_s']:.2f}",
                 f"{result['consumer_waiting']:.0%}",
+                f"{result['consumer_cpu_us_per_item']:,.1f}",
                 f"{rate['median'] / grain:.2f}" if grain else "",
                 f"{rate['median'] / loader:.2f}" if loader else "",
                 f"{rate['median'] / imap:.2f}" if imap else "",

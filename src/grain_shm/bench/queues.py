@@ -59,9 +59,7 @@ def make(kind: str, ctx: BaseContext, depth: int, example: Any) -> Any:
     if kind == "grain_shm.Queue":
         import grain_shm
 
-        # By name: the bench runs (and type-checks) before grain_shm.Queue exists.
-        queue_type: Any = getattr(grain_shm, "Queue")
-        return queue_type(depth)
+        return grain_shm.Queue(depth)
     if kind == "iceoryx2":
         from grain_shm.bench import iceoryx
 

@@ -319,7 +319,7 @@ class GrainShmQueue(GrainShmRecycle):
     written into a ring in shared memory, no feeder thread, no pipe."""
 
     name = "grain_shm-queue"
-    requires: Optional[str] = "grain_shm:Queue"
+    requires: Optional[str] = None
     queue = "grain_shm.Queue"
     sections: Tuple[str, ...] = ("transfer",)  # its arrays are grain_shm-recycle's
 
@@ -387,20 +387,15 @@ QUEUE_REQUIRES: Dict[str, Optional[str]] = {
     "multiprocessing.Queue": None,
     "faster-fifo": "faster_fifo",
     "iceoryx2": "iceoryx2",
-    "grain_shm.Queue": "grain_shm:Queue",
+    "grain_shm.Queue": None,
 }
 
 
 def _why_missing(requires: Optional[str]) -> Optional[str]:
-    """Why `requires` ("module" or "module:attribute") is not there, or None."""
-    if requires is None:
+    """Why the module `requires` is not there, or None."""
+    if requires is None or importlib.util.find_spec(requires) is not None:
         return None
-    module, _, attribute = requires.partition(":")
-    if importlib.util.find_spec(module) is None:
-        return f"{module} is not installed (pip install 'grain_shm[compare]')"
-    if attribute and not hasattr(importlib.import_module(module), attribute):
-        return f"{module}.{attribute} is unavailable: this {module} has no {attribute} yet"
-    return None
+    return f"{requires} is not installed (pip install 'grain_shm[compare]')"
 
 
 def missing(name: str) -> Optional[str]:

@@ -1,0 +1,51 @@
+"""A worker that has to be killed (it ignored SIGTERM past the grace, or the
+kernel's OOM killer took it) runs no exit hook: the consumer sweeps its pool
+arenas, which would otherwise stay until the session ends (up to the pool's
+bound per worker), and the arrays it already took from them stay readable."""
+
+import os
+import signal
+import time
+
+import numpy as np
+
+from grain_shm import MultiprocessingOptions, SharedMemoryArray, admin, prefetch
+from grain_shm.names import SHM_DIR, is_arena
+
+
+def stubborn(i):
+    """Item 0 as usual; then an array of another size class (an arena the
+    consumer never maps), SIGTERM blocked, and a long sleep."""
+    if i >= 1:
+        kept = SharedMemoryArray((300_000,), np.uint8)  # held by the worker, never sent
+        kept[:] = 1
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        time.sleep(60)
+    return np.full(1000, i, np.int64)
+
+
+def arenas_of(pid):
+    owned = []
+    for name in os.listdir(SHM_DIR):
+        if is_arena(name):
+            arena = admin.read_arena(os.path.join(SHM_DIR, name))
+            if arena is not None and arena["owner_pid"] == pid:
+                owned.append(name)
+    return owned
+
+
+def test_a_killed_workers_arenas_go_and_its_arrays_stay_readable():
+    stream = prefetch(range(4), stubborn, options=MultiprocessingOptions(1, 1),
+                      mp_context="fork")
+    first = next(stream)
+    (worker,) = stream._workers.procs
+    pid = worker.pid
+    deadline = time.monotonic() + 30
+    while len(arenas_of(pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the worker is inside the stubborn part
+    assert len(arenas_of(pid)) == 2
+    started = time.monotonic()
+    stream.close()  # SIGTERM is blocked: killed after the grace
+    assert time.monotonic() - started >= 0.4  # it was the kill, not an exit
+    assert arenas_of(pid) == []
+    assert first.metadata.block is not None and (first == 0).all()
