@@ -69,13 +69,16 @@ def fresh_segments():
 def run_python(code, *, timeout=120, env=None, check=True, args=()):
     """Run `code` as a script in a fresh interpreter (a file, so that
     multiprocessing's spawn can re-import its __main__); a crash (signal) is a
-    test failure."""
+    test failure. In `env`, None removes a variable."""
     full_env = dict(os.environ)
     # The child can import tests/_names.py (exists() in both modes).
     full_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (TESTS_DIR, full_env.get("PYTHONPATH")) if p)
-    if env:
-        full_env.update(env)
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "child.py")
         with open(script, "w") as f:

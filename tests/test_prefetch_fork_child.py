@@ -3,8 +3,18 @@ checkpoint writer, subprocess with preexec_fn) while a prefetcher runs keeps
 its stream. The child's copy of the prefetcher is not the child's to stop:
 its exit touches none of the parent's workers or their messages."""
 
+import re
+
 import pytest
 from conftest import run_python
+
+# CPython 3.13's ResourceTracker.__del__ waits for the tracker process, which
+# a forked child inherits the handle of but is not the parent of: it prints
+# an ignored ChildProcessError at that child's exit. The interpreter's noise
+# (the spawn context started the tracker), not grain_shm's.
+TRACKER_NOISE = re.compile(
+    r"Exception ignored in: <function ResourceTracker\.__del__ .*?"
+    r"ChildProcessError: \[Errno 10\] No child processes\n", re.S)
 
 FORK_MID_STREAM = """
     import os, sys
@@ -33,7 +43,7 @@ FORK_MID_STREAM = """
 def test_a_fork_child_that_exits_leaves_the_parents_stream_whole(context, shape):
     proc = run_python(FORK_MID_STREAM, timeout=90, args=(context, shape))
     assert proc.stdout.splitlines() == ["child exited 0", "stream whole"], proc.stderr
-    assert proc.stderr == ""
+    assert TRACKER_NOISE.sub("", proc.stderr) == ""
 
 
 CHILD_READS_ON = """

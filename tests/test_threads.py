@@ -20,6 +20,7 @@ What a user would see is checked, in the child:
 
 import os
 import sys
+import sysconfig
 
 import pytest
 
@@ -182,3 +183,27 @@ def test_threads_create_pickle_open_release_while_forking(pool, async_del):
     args = [str(n) for n in (cycles, THREADS, FORKS, LIVE, int(pool), int(async_del))]
     proc = run_python(CHILD, args=args, timeout=600)
     assert proc.stdout.startswith("ok"), proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(not sysconfig.get_config_var("Py_GIL_DISABLED"),
+                    reason="needs a free-threaded CPython (3.13t, 3.14t)")
+def test_import_leaves_the_gil_off():
+    """grain_shm declares itself safe without the GIL: importing it and using
+    an array leave the GIL off (an extension that does not declare it turns
+    the GIL back on for the whole program, with a RuntimeWarning)."""
+    proc = run_python(
+        """
+        import sys, warnings
+        warnings.simplefilter("error", RuntimeWarning)
+        import pickle
+        import numpy as np
+        import grain_shm
+        a = grain_shm.SharedMemoryArray((8,), np.int64)
+        a[:] = 3
+        a.unlink_on_del()
+        b = pickle.loads(pickle.dumps(a))
+        print(sys._is_gil_enabled(), int(b.sum()))
+        """,
+        env={"PYTHON_GIL": None},  # the interpreter's own choice, not forced off
+    )
+    assert proc.stdout.split() == ["False", "24"], proc.stdout + proc.stderr

@@ -264,7 +264,9 @@ static inline int gs_arena_abandon(gs_arena *a, uint32_t nblocks) {
  * mapping is never unmapped while a count is held, since every counted
  * reference belongs to a segment object that keeps its Arena alive.
  *
- * Counts are touched with the GIL held, like the owner list; a wholesale
+ * Counts and the list are touched under gs_core_lock (_lock.h), like the
+ * owner list, except by the at-fork prepare handler and the drop after
+ * finalization, which run on the only thread left; a wholesale
  * drop bumps `epoch`, so a segment object that outlives it knows that its
  * reference is gone.  A fork that fails after the prepare handler leaves
  * the child's references counted: the blocks stay until the session ends,

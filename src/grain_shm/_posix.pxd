@@ -24,6 +24,13 @@ cdef extern from "_compat.h" nogil:
     int listen(int fd, int backlog)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
 
+# The core's locks (_lock.h): PyMutex on a free-threaded build, nothing with the GIL.
+cdef extern from "_lock.h" nogil:
+    void gs_core_acquire()   # owners, block references, the pool; recursive
+    void gs_core_release()
+    void gs_names_acquire()  # the random bytes of names
+    void gs_names_release()
+
 cdef extern from "_release.h" nogil:
     ctypedef struct gs_owner:
         pass

@@ -3,7 +3,9 @@
  * A segment marked "unlink on release" is linked into `gs_owners`, so that
  * whatever is still owned at interpreter exit can be unlinked in one walk
  * (for a pool block, unlinking clears its linked bit: see _pool.h).
- * The list is touched only with the GIL held.  `gs_generation` changes in a
+ * The list is touched under gs_core_lock (_lock.h: the GIL, on the default
+ * build); the idempotence check of gs_owner_add is inside it, so two threads
+ * marking one segment link it once.  `gs_generation` changes in a
  * forked child: segments owned by the parent become stale there, so the
  * child unmaps them but never unlinks the parent's names.
  *
@@ -27,6 +29,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "_lock.h"
 #include "_pool.h"
 
 typedef struct gs_owner {
@@ -406,7 +409,10 @@ static void gs_deleter_stats_get(gs_deleter_stats *out) {
     pthread_mutex_unlock(&gs_del.mu);
 }
 
-/* fork(): hold both locks across it, with nothing in flight. */
+/* fork(): hold both locks across it, with nothing in flight.  The helds are
+ * read without gs_core_lock: os.fork() has stopped the world, and a thread
+ * parked in a region it guards is parked at a system call, with the lists
+ * whole (taking the lock here could wait for ever on such a thread). */
 static void gs_atfork_prepare(void) {
     gs_helds_atfork_prepare();
     pthread_mutex_lock(&gs_del.ctl);
@@ -427,6 +433,7 @@ static void gs_atfork_parent(void) {
 static void gs_atfork_child(void) {
     size_t i, at = gs_del.head;
     gs_generation++;
+    gs_locks_reset(); /* a holder detached in a system call is not in this process */
     gs_owners_reset();
     gs_mapping = 0; /* whoever was mapping is not in this process */
     for (i = 0; i < gs_del.queued; i++) {

@@ -1,4 +1,4 @@
-# cython: language_level=3
+# cython: language_level=3, freethreading_compatible=True
 """The core: POSIX shared-memory segments, straight on the system calls.
 
 A `Segment` is one mapping of one named segment, or one reference to a block
@@ -52,7 +52,8 @@ from grain_shm._posix cimport (GS_CLASSES, GS_MAX_THREADS, MAP_POPULATE,
                                gs_block_take, gs_block_unlink, gs_held,
                                gs_held_add, gs_held_free, gs_held_new, gs_held_sub,
                                gs_helds_drop, gs_generation, gs_remote_frees,
-                               gs_class_bytes, gs_size_class, gs_word, GS_GEN, GS_IS_FREE, GS_LINKED, GS_REFS,
+                               gs_class_bytes, gs_core_acquire, gs_core_release,
+                               gs_names_acquire, gs_names_release, gs_size_class, gs_word, GS_GEN, GS_IS_FREE, GS_LINKED, GS_REFS,
                                gs_deleter_enable, gs_deleter_flush, PyArray_NewFromDescr,
                                gs_deleter_hold, gs_deleter_push, gs_deleter_stats,
                                gs_deleter_stats_get, gs_deleter_stop, gs_is_segment,

@@ -59,7 +59,9 @@ cdef class Arena:
         if self.held != NULL:
             if self.held.total > 0:
                 return  # still counted (cannot be: segments keep their Arena): keep the mapping
+            gs_core_acquire()  # the list of records
             gs_held_free(self.held)
+            gs_core_release()
         if self.hdr != NULL:
             munmap(self.hdr, self.size)
         free(self.free)
@@ -109,7 +111,14 @@ cdef void _release_block(Arena arena, uint32_t index, bint unlink) noexcept:
 
 
 # ---------------------------------------------------------------------------
-# The pool's state in this process.  Touched with the GIL held.
+# The pool's state in this process, with every Arena's fields: touched under
+# gs_core_lock (_lock.h; the GIL on the default build), taken by the entry
+# points (create's pool branch, a block segment's release, open_block,
+# unlink_block, and the functions below). Racing takers would underflow an
+# arena's `nfree` and write past `free`, and the lists and dicts here change
+# under an iteration. Its counters are plain integers for that reason: they
+# change only under the lock. `create` reads `_pool_limit` unlocked only to
+# skip the lock when the pool is off.
 
 cdef Py_ssize_t _pool_limit = 0      # bytes of own arenas at most; 0: off
 cdef bytes _pool_prefix = b""        # the creations it serves (the session's)
@@ -326,17 +335,22 @@ def enable_pool(Py_ssize_t max_bytes, bytes prefix not None):
     _check_prefix(prefix)
     if not _is_arena_path(b"/" + prefix + b"." + b"A" * RANDOM_CHARS):
         raise ValueError(f"pool prefix {prefix!r} is not a session's (names.segment_prefix)")
+    cdef bytes arena_prefix = prefix + b"."  # names.ARENA_MARK
+    gs_core_acquire()  # a creation reads the three together
     _pool_prefix = prefix
-    _arena_prefix = prefix + b"."  # names.ARENA_MARK
+    _arena_prefix = arena_prefix
     _pool_limit = max_bytes
+    gs_core_release()
 
 
 def disable_pool():
     """New arrays get fresh segments again; arenas all free go now, the
     others once their blocks are free and a trim finds them so."""
     global _pool_limit
+    gs_core_acquire()
     _pool_limit = 0
     _pool_trim(0.0)
+    gs_core_release()
 
 
 def block_size(Py_ssize_t nbytes):
@@ -350,11 +364,21 @@ def block_size(Py_ssize_t nbytes):
 
 def pool_trim(double idle_seconds=0.0):
     """Return own arenas idle for `idle_seconds` to the system (tests, diagnostics)."""
+    gs_core_acquire()
     _pool_trim(idle_seconds)
+    gs_core_release()
 
 
 def pool_stats():
     """The pool's figures in this process."""
+    gs_core_acquire()
+    try:
+        return _pool_stats_locked()
+    finally:
+        gs_core_release()
+
+
+cdef dict _pool_stats_locked():
     cdef Arena arena
     cdef uint32_t i
     cdef Py_ssize_t blocks = 0, in_use = 0, bytes_in_use = 0, cached = 0
@@ -415,6 +439,14 @@ def pool_at_exit(bint leaving_through_os_exit=False):
     comes (os._exit: a multiprocessing child started by fork or forkserver,
     found on the stack, or a caller that says so): then nothing of Python
     runs after but threading's shutdown."""
+    gs_core_acquire()
+    try:
+        _pool_at_exit_locked(leaving_through_os_exit)
+    finally:
+        gs_core_release()
+
+
+cdef _pool_at_exit_locked(bint leaving_through_os_exit):
     global _pool_limit, _pool_bytes
     cdef Arena arena
     _pool_limit = 0

@@ -144,6 +144,15 @@ cdef gs_block *_block_of(Arena arena, Py_ssize_t index, Py_ssize_t generation) e
 def open_block(name, Py_ssize_t index, Py_ssize_t generation, Py_ssize_t low, Py_ssize_t high):
     """A reference to block `index` of arena `name`, still linked under
     `generation`, whose array holds bytes [low, high) of the arena."""
+    gs_core_acquire()  # the cache, the arena's fields, the reference counts
+    try:
+        return _open_block_locked(name, index, generation, low, high)
+    finally:
+        gs_core_release()
+
+
+cdef Segment _open_block_locked(name, Py_ssize_t index, Py_ssize_t generation,
+                                Py_ssize_t low, Py_ssize_t high):
     cdef Arena arena = _arena_named(name)
     cdef gs_block *block = _block_of(arena, index, generation)
     cdef int rc = gs_block_acquire(block, <uint32_t>generation)
@@ -167,21 +176,34 @@ def open_block(name, Py_ssize_t index, Py_ssize_t generation, Py_ssize_t low, Py
 def unlink_block(name, Py_ssize_t index, Py_ssize_t generation):
     """Remove a block's "name": no new reference opens; it is free once the
     last mapping of it goes."""
-    cdef Arena arena = _arena_named(name)
-    cdef gs_block *block = _block_of(arena, index, generation)
-    cdef int rc = gs_block_unlink(block, <uint32_t>generation)
+    cdef Arena arena
+    cdef gs_block *block
+    cdef int rc
+    gs_core_acquire()
+    try:
+        arena = _arena_named(name)
+        block = _block_of(arena, index, generation)
+        rc = gs_block_unlink(block, <uint32_t>generation)
+        if rc == 1:
+            arena.block_freed(block)
+    finally:
+        gs_core_release()
     if rc < 0:
         raise_errno(ENOENT, arena.path)
-    if rc == 1:
-        arena.block_freed(block)
 
 
 def block_state(name, Py_ssize_t index, Py_ssize_t generation):
     """(linked, references) of block `index` of arena `name` if it is still
     under `generation`, else None: what the pool knows of one array's "name"
     (tests, diagnostics)."""
-    cdef Arena arena = _arena_named(name)
-    cdef uint64_t word = gs_word(_block_of(arena, index, generation))
+    cdef Arena arena
+    cdef uint64_t word
+    gs_core_acquire()
+    try:
+        arena = _arena_named(name)
+        word = gs_word(_block_of(arena, index, generation))
+    finally:
+        gs_core_release()
     if GS_GEN(word) != <uint32_t>generation:
         return None
     return bool(word & GS_LINKED), int(word & GS_REFS)

@@ -23,6 +23,7 @@ which imports threading: `grain_shm.Queue` loads it on first use.
 from __future__ import annotations
 
 import multiprocessing.util as _mp_util
+import _thread
 import operator
 import os
 import queue as _stdlib_queue
@@ -42,6 +43,11 @@ DEFAULT_CELL_BYTES = 496
 
 _EMPTY = object()
 _live: weakref.WeakSet[Queue] = weakref.WeakSet()  # this process's counted handles
+# Guards each handle's `_counted` between its check and its clear: two
+# threads closing one handle (or close() and __del__ at once, without the
+# GIL) must drop its count once, and a fork must count the child's copy of
+# a handle exactly when that copy is counted. Held for those steps only.
+_release_lock = _thread.allocate_lock()
 
 
 class Queue:
@@ -195,9 +201,10 @@ class Queue:
     def _release(self) -> None:
         """Drop this handle's count; the last one empties the ring (large
         items' blocks are unlinked) and unlinks its name."""
-        if not self._counted:
-            return
-        self._counted = False
+        with _release_lock:  # two threads closing one handle drop its count once
+            if not self._counted:
+                return
+            self._counted = False
         _live.discard(self)
         if self._ring.add_handle(-1) == 0:
             self._ring.drain()
@@ -233,9 +240,16 @@ def _open(name: str, maxsize: int) -> Queue:
 def _count_for_child() -> None:
     """Before fork(): one more count per handle, for the child's copy (taken
     here, so that this process cannot drop the last count in between)."""
-    for queue in list(_live):
-        if queue._counted:
-            queue._ring.add_handle(1)
+    with _release_lock:
+        for queue in list(_live):
+            if queue._counted:
+                queue._ring.add_handle(1)
+
+
+def _after_fork_in_child() -> None:
+    global _release_lock
+    _release_lock = _thread.allocate_lock()  # another thread may have held it
+    _register_exit()
 
 
 def _release_all() -> None:
@@ -251,6 +265,6 @@ def _register_exit() -> None:
 
 
 _register_exit()
-os.register_at_fork(before=_count_for_child, after_in_child=_register_exit)
+os.register_at_fork(before=_count_for_child, after_in_child=_after_fork_in_child)
 # A forked multiprocessing worker clears the finalizers it inherited, then runs these.
 _mp_util.register_after_fork(_live, lambda _: _register_exit())

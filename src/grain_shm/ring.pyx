@@ -191,7 +191,9 @@ cdef class Ring:
     cdef str name_text
     cdef bint judge_pids      # claimers' pids mean something here (same pid namespace)
     # The claimed cell a put [0] or get [1] last found in its way, since when,
-    # and when its claimer's pid was last looked up (see _stuck).
+    # and when its claimer's pid was last looked up (see _stuck). Threads
+    # sharing a handle share the watch: touched in the object's critical
+    # section (nothing on the default build, where the GIL guards it).
     cdef gs_cell *watch_cell[2]
     cdef uint64_t watch_seen[2]
     cdef int64_t watch_since[2]
@@ -267,6 +269,11 @@ cdef class Ring:
         been so for a second and its claimer is dead, and was taken back
         here.  The watch lasts across calls, so a consumer that polls with
         short timeouts (or none) gets past a dead producer's cell too."""
+        with cython.critical_section(self):
+            return self._stuck_locked(for_get, cell, seen, now)
+
+    cdef bint _stuck_locked(self, bint for_get, gs_cell *cell, uint64_t seen,
+                            int64_t now) noexcept:
         cdef int side = 1 if for_get else 0
         if cell == NULL or gs_progress(seen) % 4 not in (GS_WRITING, GS_READING):
             self.watch_cell[side] = NULL

@@ -11,8 +11,10 @@ cdef const char *ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 cdef enum:
     RANDOM_POOL = 4096
 # Random bytes for names, fetched a page at a time (one getrandom per ~340
-# names). Only touched with the GIL held; emptied in a forked child so parent
-# and child never draw the same names.
+# names). Touched under gs_names_lock (_lock.h; the GIL on the default
+# build): two threads past the bound check at once would read beyond the
+# buffer, or draw the same name. Emptied in a forked child so parent and
+# child never draw the same names.
 cdef unsigned char _random_pool[RANDOM_POOL]
 cdef size_t _random_used = RANDOM_POOL
 
@@ -34,21 +36,26 @@ cdef size_t _check_prefix(bytes prefix) except 0:
 
 cdef int _new_path(char *out, const char *prefix, size_t prefix_len) noexcept:
     """Write "/<prefix><12 random chars>\\0" into out; 0 or an errno value.
-    prefix_len counts the "/". Called with the GIL held, which guards the
-    random pool."""
+    prefix_len counts the "/"."""
     global _random_used
-    cdef int i, rc
-    if _random_used + RANDOM_CHARS > RANDOM_POOL:
-        rc = gs_random_bytes(_random_pool, RANDOM_POOL)
-        if rc != 0:
-            return rc
-        _random_used = 0
+    cdef unsigned char drawn[RANDOM_CHARS]
+    cdef int i, rc = 0
+    gs_names_acquire()  # held for the draw; the refill (getrandom, which
+    if _random_used + RANDOM_CHARS > RANDOM_POOL:  # never blocks once the
+        rc = gs_random_bytes(_random_pool, RANDOM_POOL)  # system is up) is one
+        if rc == 0:                                      # call per ~340 names
+            _random_used = 0
+    if rc == 0:
+        memcpy(drawn, &_random_pool[_random_used], RANDOM_CHARS)
+        _random_used += RANDOM_CHARS
+    gs_names_release()
+    if rc != 0:
+        return rc
     out[0] = b"/"
     memcpy(&out[1], prefix, prefix_len - 1)
     for i in range(RANDOM_CHARS):
-        out[prefix_len + i] = ALPHABET[_random_pool[_random_used + i] & 63]
+        out[prefix_len + i] = ALPHABET[drawn[i] & 63]
     out[prefix_len + RANDOM_CHARS] = 0
-    _random_used += RANDOM_CHARS
     return 0
 
 
@@ -205,8 +212,8 @@ cdef class Segment:
     cdef Py_ssize_t size       # bytes exported through the buffer protocol
     cdef bint readonly
     cdef bytes path            # b"/name"
-    cdef str name_text         # the name as str, once asked for
-    cdef gs_owner owner
+    cdef str name_text         # the name as str, once asked for (under the object's critical section)
+    cdef gs_owner owner        # under gs_core_lock (_lock.h), as is the block reference
     # A pool block: the arena's mapping (kept alive by this segment), where
     # the block starts in it, and the reference this segment holds.
     cdef Arena arena
@@ -221,9 +228,19 @@ cdef class Segment:
     @property
     def name(self) -> str:
         """The name without its leading "/", as multiprocessing.shared_memory spells it."""
-        if self.name_text is None:  # decoded once: every pickle asks for it
-            self.name_text = os.fsdecode(self.path[1:])
-        return self.name_text
+        # Decoded once: every pickle asks for it. Two threads pickling one
+        # array must not swap it under each other (a use after free without
+        # the GIL): the object's critical section, nothing on the default build.
+        cdef str text
+        with cython.critical_section(self):
+            text = self.name_text
+        if text is None:
+            text = os.fsdecode(self.path[1:])
+            with cython.critical_section(self):
+                if self.name_text is None:
+                    self.name_text = text
+                text = self.name_text
+        return text
 
     @property
     def size(self) -> int:
@@ -239,7 +256,10 @@ cdef class Segment:
 
     @property
     def unlink_on_release(self) -> bool:
-        return gs_owner_is_mine(&self.owner)
+        gs_core_acquire()
+        cdef bint mine = gs_owner_is_mine(&self.owner)
+        gs_core_release()
+        return mine
 
     @property
     def origin(self) -> int:
@@ -253,8 +273,10 @@ cdef class Segment:
 
     def mark_unlink_on_release(self):
         """Make this process the one that unlinks the name when this mapping goes."""
+        gs_core_acquire()
         gs_owner_add(&self.owner, <char *>self.path,
                      NULL if self.arena is None else &self.arena.hdr.blocks[self.index])
+        gs_core_release()
 
     def __getbuffer__(self, Py_buffer *view, int flags):
         cdef void *buf = self.addr if self.addr != NULL else <void *>_empty_buffer
@@ -265,14 +287,20 @@ cdef class Segment:
 
     def __dealloc__(self):
         cdef const char *unlink_path = NULL
+        cdef bint owned
         if self.arena is not None:  # a block: a few atomics, never deferred
+            gs_core_acquire()
+            owned = gs_owner_take(&self.owner)
             if self.held_epoch == self.arena.held.epoch:  # not dropped at exit yet
-                _release_block(self.arena, self.index, gs_owner_take(&self.owner))
-            else:
-                gs_owner_take(&self.owner)
+                _release_block(self.arena, self.index, owned)
+            gs_core_release()
             return
-        if self.path is not None and gs_owner_take(&self.owner):
-            unlink_path = <char *>self.path
+        if self.path is not None:
+            gs_core_acquire()  # only the owner list: the release is outside
+            owned = gs_owner_take(&self.owner)
+            gs_core_release()
+            if owned:
+                unlink_path = <char *>self.path
         if (self.addr == NULL and unlink_path == NULL) or gs_deleter_push(
                 self.addr, self.map_size, unlink_path):
             self.addr = NULL
@@ -317,7 +345,8 @@ cdef int _create(char *path, size_t length, void **addr, int *stage) noexcept no
 
 cdef int _create_named(char *path, const char *prefix, size_t prefix_len,
                        size_t length, void **addr, int *stage) noexcept:
-    """_create under a fresh name, retried while the name is taken. GIL held."""
+    """_create under a fresh name, retried while the name is taken. Called
+    attached to the interpreter; the system calls run detached (nogil)."""
     cdef int rc = EEXIST, attempt
     for attempt in range(CREATE_ATTEMPTS):
         rc = _new_path(path, prefix, prefix_len)
@@ -338,9 +367,14 @@ def create(Py_ssize_t nbytes, bytes prefix not None):
     (see session.persistent())."""
     if nbytes < 0:
         raise ValueError(f"negative size: {nbytes}")
-    cdef Segment block
-    if _pool_limit > 0 and nbytes > 0 and prefix == _pool_prefix:
-        block = _pool_take(nbytes)
+    cdef Segment block = None
+    if _pool_limit > 0 and nbytes > 0:  # a plain load: off is off, whatever a racing enable does
+        gs_core_acquire()  # the pool's settings, arenas and counters
+        try:
+            if _pool_limit > 0 and prefix == _pool_prefix:
+                block = _pool_take(nbytes)
+        finally:
+            gs_core_release()
         if block is not None:
             return block
     cdef size_t prefix_len = _check_prefix(prefix)
@@ -352,7 +386,9 @@ def create(Py_ssize_t nbytes, bytes prefix not None):
     cdef size_t pending
     cdef bint pooled
     if rc in (ENOSPC, ENOMEM, EFBIG) and stage == 1:  # /dev/shm is full: make room, once
+        gs_core_acquire()
         pooled = _pool_give_back()  # idle arenas, own or cached, hold room
+        gs_core_release()
         with nogil:  # releases waiting for the deleter may hold room too
             pending = gs_deleter_flush()
         if pooled or pending > 0:
@@ -487,7 +523,9 @@ def _hold_async_release(bint on):
 
 def unlink_owned():
     """Unlink every name this process owns (for interpreter exit)."""
+    gs_core_acquire()
     gs_unlink_owned()
+    gs_core_release()
 
 
 def segment_of(obj):

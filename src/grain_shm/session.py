@@ -108,38 +108,49 @@ def join() -> None:
     with _join_lock:
         if joined:
             return
-        joined = True
-        if not sys.platform.startswith("linux") or not os.path.isdir(names.SHM_DIR):
-            return  # segments cannot be listed here: nothing to sweep by name
-        # Plain file descriptors from the extension: even _socket costs
-        # ~0.7 ms to import, a third of this whole first-array path.
-        for _ in range(3):  # a reaper may be exiting just now: then start one
-            _member = member = _shm.unix_socket()
-            try:
-                _shm.unix_bind(member, names.member_address(SESSION, os.getpid()))
-            except OSError:
-                pass  # our pid's name is held by a forked child of a former us
-            try:
-                _shm.unix_connect(member, names.reaper_address(SESSION))
-            except (ConnectionRefusedError, FileNotFoundError):
-                if _start_reaper(member):
-                    return
-                os.close(member)
-                _member = None
-                continue
-            except OSError:
-                return  # e.g. a full backlog: registered by name only
-            if reaper.root_alive(SESSION):
-                return  # the reaper cannot be exiting while the root lives
-            try:
-                if _shm.recv_byte(member, 1.0) == reaper.WELCOME:
-                    return
-            except TimeoutError:
-                return  # slow, not exiting: it welcomes us later
-            except OSError:
-                pass
+        try:
+            _join()
+        finally:
+            # Only now: the unlocked check before every creation and open
+            # must mean "joined", not "another thread is joining" (without
+            # the GIL that thread may still be connecting).
+            joined = True
+
+
+def _join() -> None:
+    """join() under its lock: connect to the session's reaper, or start it."""
+    global _member
+    if not sys.platform.startswith("linux") or not os.path.isdir(names.SHM_DIR):
+        return  # segments cannot be listed here: nothing to sweep by name
+    # Plain file descriptors from the extension: even _socket costs
+    # ~0.7 ms to import, a third of this whole first-array path.
+    for _ in range(3):  # a reaper may be exiting just now: then start one
+        _member = member = _shm.unix_socket()
+        try:
+            _shm.unix_bind(member, names.member_address(SESSION, os.getpid()))
+        except OSError:
+            pass  # our pid's name is held by a forked child of a former us
+        try:
+            _shm.unix_connect(member, names.reaper_address(SESSION))
+        except (ConnectionRefusedError, FileNotFoundError):
+            if _start_reaper(member):
+                return
             os.close(member)
             _member = None
+            continue
+        except OSError:
+            return  # e.g. a full backlog: registered by name only
+        if reaper.root_alive(SESSION):
+            return  # the reaper cannot be exiting while the root lives
+        try:
+            if _shm.recv_byte(member, 1.0) == reaper.WELCOME:
+                return
+        except TimeoutError:
+            return  # slow, not exiting: it welcomes us later
+        except OSError:
+            pass
+        os.close(member)
+        _member = None
 
 
 _launched = _thread.allocate_lock()  # held while a launch is under way
