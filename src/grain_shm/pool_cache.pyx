@@ -10,31 +10,8 @@ cdef Arena _map_arena(str name):
     cdef bytes path = _path_of(name)
     if not _is_arena_path(path):
         raise ValueError(f"shared memory {name!r} is not a grain_shm pool arena (by its name)")
-    cdef const char *cpath = path
-    cdef int fd
-    cdef struct_stat st
-    cdef void *addr = NULL
-    with nogil:
-        fd = shm_open(cpath, O_RDWR, 0)
-    check_rc(fd, path)  # no read-only fallback: opening a block writes its word
-    if fstat(fd, &st) == -1:
-        err = errno
-        close(fd)
-        raise_errno(err, path)
-    if not gs_is_segment(st.st_mode) or <size_t>st.st_size < sizeof(gs_arena):
-        close(fd)
-        raise ValueError(f"shared memory {name!r} is not a grain_shm pool arena")
-    cdef size_t length = <size_t>st.st_size
-    with nogil:
-        # Populated: the pages exist already (the owner faulted them in), and
-        # every later open of a block in it costs no fault at all.
-        addr = gs_mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0)
-    err = errno
-    close(fd)
-    if addr == MAP_FAILED:
-        if err == ENOMEM:
-            raise _no_address_space(length)
-        raise_errno(err, path)
+    cdef size_t length
+    cdef void *addr = _map_structure(path, sizeof(gs_arena), "a grain_shm pool arena", &length)
     cdef Arena arena = Arena.__new__(Arena)
     arena.hdr = <gs_arena *>addr
     arena.size = length

@@ -478,9 +478,10 @@ def ring_create(Py_ssize_t capacity, Py_ssize_t cell_bytes, Py_ssize_t max_bytes
     cdef uint64_t size = gs_ring_bytes(<uint32_t>capacity, stride)
     if size == 0 or size > <uint64_t>PY_SSIZE_T_MAX:
         raise ArraySizeError(f"a ring of {capacity} cells of {cell_bytes} bytes is too large")
-    prefix = prefix + b"~"  # names.QUEUE_MARK, one byte past a session's prefix
-    if _mark_of(b"/" + prefix + b"A" * RANDOM_CHARS) != QUEUE_MARK:
-        raise ValueError(f"a queue's prefix must be a session's, not {prefix[:-1]!r}")
+    cdef bytes marked = prefix + b"~"  # names.QUEUE_MARK, one byte past a session's prefix
+    if _mark_of(b"/" + marked + b"A" * RANDOM_CHARS) != QUEUE_MARK:
+        raise ValueError(f"a queue's prefix must be a session's, not {prefix!r}")
+    prefix = marked
     cdef size_t prefix_len = len(prefix) + 1
     cdef char path[PREFIX_CAP + 1 + RANDOM_CHARS + 1]
     cdef void *addr = NULL
@@ -505,29 +506,8 @@ def ring_open(name):
     cdef bytes path = _path_of(name)
     if _mark_of(path) != QUEUE_MARK:
         raise ValueError(f"shared memory {os.fsdecode(path[1:])!r} is not a grain_shm queue")
-    cdef const char *cpath = path
-    cdef int fd
-    cdef struct_stat st
-    cdef void *addr = NULL
-    with nogil:
-        fd = shm_open(cpath, O_RDWR, 0)
-    check_rc(fd, path)
-    if fstat(fd, &st) == -1:
-        err = errno
-        close(fd)
-        raise_errno(err, path)
-    if not gs_is_segment(st.st_mode) or <size_t>st.st_size < sizeof(gs_ring):
-        close(fd)
-        raise ValueError(f"shared memory {os.fsdecode(path[1:])!r} is not a grain_shm queue")
-    cdef size_t length = <size_t>st.st_size
-    with nogil:  # the creator faulted every page in: populate, no fault later
-        addr = gs_mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0)
-    err = errno
-    close(fd)
-    if addr == MAP_FAILED:
-        if err == ENOMEM:
-            raise _no_address_space(length)
-        raise_errno(err, path)
+    cdef size_t length
+    cdef void *addr = _map_structure(path, sizeof(gs_ring), "a grain_shm queue", &length)
     try:
         return _ring_of(addr, length, path)
     except BaseException:

@@ -407,6 +407,40 @@ def create(Py_ssize_t nbytes, bytes prefix not None):
     return seg
 
 
+cdef void *_map_structure(bytes path, size_t header_bytes, str what,
+                          size_t *length) except NULL:
+    """Map the whole of an existing arena or ring, read and write: `what`
+    ("a grain_shm pool arena", "a grain_shm queue") names it in the error if
+    it is no file or is shorter than its header. Populated: its creator
+    faulted every page in, so no later access faults. The caller validates
+    the header."""
+    cdef const char *cpath = path
+    cdef int fd
+    cdef struct_stat st
+    cdef void *addr = NULL
+    with nogil:
+        fd = shm_open(cpath, O_RDWR, 0)
+    check_rc(fd, path)  # no read-only fallback: claims and block words are written
+    if fstat(fd, &st) == -1:
+        err = errno
+        close(fd)
+        raise_errno(err, path)
+    if not gs_is_segment(st.st_mode) or <size_t>st.st_size < header_bytes:
+        close(fd)
+        raise ValueError(f"shared memory {os.fsdecode(path[1:])!r} is not {what}")
+    length[0] = <size_t>st.st_size
+    with nogil:
+        addr = gs_mmap(NULL, length[0], PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                       fd, 0)
+    err = errno
+    close(fd)
+    if addr == MAP_FAILED:
+        if err == ENOMEM:
+            raise _no_address_space(length[0])
+        raise_errno(err, path)
+    return addr
+
+
 def open(name, Py_ssize_t required):
     """Map the existing segment `name`, which must hold at least `required`
     bytes; never a pool arena (open_block maps those)."""
