@@ -49,3 +49,49 @@ def test_a_killed_workers_arenas_go_and_its_arrays_stay_readable():
     assert time.monotonic() - started >= 0.4  # it was the kill, not an exit
     assert arenas_of(pid) == []
     assert first.metadata.block is not None and (first == 0).all()
+
+
+EARLY_STOP = """
+import gc, os, sys, time
+import numpy as np
+import grain_shm._prefetch.consumer as consumer
+from grain_shm import MultiprocessingOptions, _shm, prefetch, session
+
+real_work = consumer._work
+
+def slow_start(*args):
+    time.sleep(0.3)  # a worker still starting (an import, say) when the stop comes
+    real_work(*args)
+
+def row(i):
+    return np.ones(1000)
+
+def ours():
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(session.name_prefix()))
+
+if __name__ == "__main__":
+    first = prefetch(range(2), row, options=MultiprocessingOptions(1, 1), mp_context="fork")
+    kept = next(first)  # a pooled block this process holds while the next workers fork
+    assert kept.metadata.block is not None
+    first.close()
+    consumer._work = slow_start  # fork: the workers run it too
+    second = prefetch(range(2), row, options=MultiprocessingOptions(1, 1), mp_context="fork")
+    second._start()
+    second.close()  # SIGTERM while the worker sleeps, before its handler is in
+    del kept, first, second
+    gc.collect()
+    _shm.pool_trim(0.0)
+    time.sleep(0.2)
+    print("left", ours())
+"""
+
+
+def test_a_worker_stopped_before_its_handler_is_in_still_lets_go():
+    """A forked worker holds a reference to every block its consumer held at
+    the fork; a stop before its SIGTERM handler is installed must still run
+    its exit hooks, or that reference keeps the block, and its arena, for
+    the rest of the session."""
+    from conftest import run_python
+
+    proc = run_python(EARLY_STOP, env={"GRAIN_SHM_RECYCLE": "1"}, timeout=60)
+    assert proc.stdout.strip() == "left []", proc.stdout + proc.stderr

@@ -148,7 +148,16 @@ class _Workers:
                     daemon=True,
                 )
                 self.procs.append(proc)
-                proc.start()
+                # Started with SIGTERM blocked (fork and spawn inherit the
+                # mask; the worker unblocks it once its handler is in): a
+                # stop that comes before would end the worker by SIGTERM's
+                # default, with no exit hook, and a forked worker would keep
+                # the block references it inherited until the session ends.
+                unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+                try:
+                    proc.start()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
                 channel.started()
         except BaseException:
             self.stop()

@@ -115,14 +115,19 @@ def _work(
     at most once, and is disarmed as the inner try ends, so a SIGTERM in the
     inner finally (before the disarm) is caught below, and one after it
     (the except and finally here, the interpreter's exit) raises nothing.
-    Before the handler is installed, SIGTERM's default ends the process
-    silently; it holds nothing yet."""
+    Until the handler is installed, SIGTERM is blocked (the consumer
+    started this process so), so a stop that came early is delivered to
+    the handler, and the exit hooks run: a forked worker's inherited block
+    references go with them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
     guard = _StopGuard()
     held: List[SharedMemoryArray] = []  # arrays of the item being made, not yet sent
     try:
         try:
             signal.signal(signal.SIGTERM, guard.on_signal)
+            # The consumer started us with SIGTERM blocked: one sent before
+            # this point is delivered now, to the handler.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             _serve(worker, num_workers, first_item, plan, payload, channel, buffer_size,
                    profiling, pool, guard, held)
         finally:
